@@ -1,0 +1,93 @@
+"""ConceptWorld's architecture: a small but genuine `StableDiffusionPipeline`.
+
+VAE 32x32x3 -> 8x8x4; a 3-layer, 64-wide CLIP text encoder; a UNet with cross-attention down, mid
+and up blocks (7 transformer blocks in all); DPM-Solver++ for sampling.
+"""
+
+from __future__ import annotations
+
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .tokenizer import MAX_LENGTH
+
+TEXT_WIDTH = 64
+DEFAULT_GUIDANCE = 3.0  # guidance 7.5 over-saturates a model this small
+DEFAULT_STEPS = 20
+
+_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+
+def build_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=32,
+    )
+
+
+def build_text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+    return CLIPTextModel(config)
+
+
+def build_unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        norm_num_groups=16,
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=8,
+    )
+
+
+def build_train_scheduler() -> DDPMScheduler:
+    return DDPMScheduler(**_SCHEDULE, prediction_type="epsilon")
+
+
+def build_sample_scheduler() -> DPMSolverMultistepScheduler:
+    return DPMSolverMultistepScheduler(**_SCHEDULE, prediction_type="epsilon", algorithm_type="dpmsolver++")
+
+
+def assemble(
+    vae: AutoencoderKL, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, unet: UNet2DConditionModel
+) -> StableDiffusionPipeline:
+    """The components as a pipeline with no safety checker (none exists for this world)."""
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=build_sample_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

@@ -1,0 +1,215 @@
+"""Train ConceptWorld from scratch on a CPU: VAE, concept classifier, then text encoder + UNet.
+
+    python -m acterase_interp.world.train --out data/conceptworld
+
+Seeded and reproducible; writes the pipeline (`save_pretrained`, safetensors), the classifier and
+`train_log.json` (per-stage times, losses, options, library versions) under `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..io import atomic_write_json
+from ..provenance import library_versions
+from . import architecture as arch
+from .captions import training_caption
+from .classifier import ConceptClassifier
+from .factors import FACTORS, Scene, sample_scenes
+from .render import render_batch
+from .tokenizer import build_tokenizer
+
+
+@dataclass
+class TrainOptions:
+    seed: int = 0
+    n_images: int = 40_000
+    batch: int = 128
+    vae_steps: int = 1_000
+    classifier_steps: int = 800
+    unet_steps: int = 2_400
+    unet_lr: float = 1e-3
+    min_snr_gamma: float = 5.0
+    ema_decay: float = 0.999
+    checkpoint_every: int = 400
+
+
+def _scene_labels(scenes: list[Scene]) -> torch.Tensor:
+    return torch.tensor([s.labels() for s in scenes])
+
+
+def make_data(opts: TrainOptions) -> tuple[list[Scene], torch.Tensor]:
+    rng = np.random.default_rng(opts.seed)
+    scenes = sample_scenes(opts.n_images, rng)
+    images = torch.from_numpy(render_batch(scenes, rng))
+    return scenes, images
+
+
+def _cosine(step: int, total: int, warmup: int = 100) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def train_vae(images: torch.Tensor, opts: TrainOptions, log: dict) -> torch.nn.Module:
+    gen = torch.Generator().manual_seed(opts.seed + 1)
+    vae = arch.build_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.vae_steps))
+    losses = []
+    for step in (bar := tqdm(range(opts.vae_steps), desc="VAE")):
+        x = images[torch.randint(len(images), (opts.batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        mse = F.mse_loss(recon, x)
+        loss = mse + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            psnr = 10 * math.log10(4.0 / mse.item())  # range [-1, 1] has peak-to-peak 2
+            losses.append({"step": step, "mse": mse.item(), "psnr_db": psnr})
+            bar.set_postfix(psnr=f"{psnr:.1f}")
+    vae.eval()
+    with torch.no_grad():
+        x = images[:1024]
+        latents = torch.cat([vae.encode(c).latent_dist.mean for c in x.split(256)])
+        recon = torch.cat([vae.decode(z).sample for z in latents.split(256)])
+        mse = F.mse_loss(recon, x).item()
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    log["vae"] = {"losses": losses, "psnr_db_first_1024": 10 * math.log10(4.0 / mse), "scaling_factor": scaling}
+    return vae
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, opts: TrainOptions, log: dict) -> ConceptClassifier:
+    gen = torch.Generator().manual_seed(opts.seed + 2)
+    model = ConceptClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.classifier_steps))
+    model.train()
+    for step in (bar := tqdm(range(opts.classifier_steps), desc="classifier")):
+        idx = torch.randint(len(images), (opts.batch,), generator=gen)
+        x = images[idx] + 0.03 * torch.randn(opts.batch, 3, 32, 32, generator=gen)  # robust to decoder noise
+        logits = model(x)
+        loss = sum(F.cross_entropy(logits[f], labels[idx, i]) for i, f in enumerate(FACTORS))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    # Held-out accuracy on fresh renders from a seed never used for training.
+    rng = np.random.default_rng(opts.seed + 1000)
+    scenes = sample_scenes(2000, rng)
+    pred = model.predict(torch.from_numpy(render_batch(scenes, rng)))
+    acc = {f: float(np.mean([p == getattr(s, f) for p, s in zip(pred[f], scenes)])) for f in FACTORS}
+    log["classifier"] = {"heldout_accuracy": acc, "heldout_n": len(scenes)}
+    print("classifier held-out accuracy:", acc)
+    return model
+
+
+def _save_pipeline(vae, text_encoder, tokenizer, unet, out: Path) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    arch.assemble(vae, text_encoder, tokenizer, unet).save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOptions, log: dict, out: Path) -> None:
+    gen = torch.Generator().manual_seed(opts.seed + 3)
+    rng = np.random.default_rng(opts.seed + 3)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(opts.seed + 3)
+    text_encoder = arch.build_text_encoder(len(tokenizer))
+    unet = arch.build_unet()
+    noise_sched = arch.build_train_scheduler()
+    with torch.no_grad():  # encode once; sample the posterior per step
+        dists = [vae.encode(c).latent_dist for c in images.split(512)]
+        lat_mean = torch.cat([d.mean for d in dists])
+        lat_std = torch.cat([d.std for d in dists])
+    scale = vae.config.scaling_factor
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=opts.unet_lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.unet_steps))
+    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    losses = []
+    for step in (bar := tqdm(range(opts.unet_steps), desc="UNet + text encoder")):
+        idx = torch.randint(len(scenes), (opts.batch,), generator=gen)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
+        captions = [training_caption(scenes[i], rng) for i in idx.tolist()]
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (opts.batch,), generator=gen)
+        noise = torch.randn(z0.shape, generator=gen)
+        zt = noise_sched.add_noise(z0, noise, t)
+        cond = text_encoder(ids.input_ids)[0]
+        pred = unet(zt, t, encoder_hidden_states=cond).sample
+        weight = torch.clamp(snr[t], max=opts.min_snr_gamma) / snr[t]  # min-SNR weighting (epsilon target)
+        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(opts.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        if step % 50 == 0:
+            losses.append({"step": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.unet_steps:
+            _save_pipeline(vae, ema_text, tokenizer, ema_unet, out / "pipeline")
+            log["unet"] = {"losses": losses, "steps_done": step + 1}
+            atomic_write_json(log, out / "train_log.json")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/conceptworld"))
+    for name, default in asdict(TrainOptions()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    opts = TrainOptions(**{k: getattr(args, k) for k in asdict(TrainOptions())})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(opts.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    log: dict = {"options": asdict(opts), "versions": library_versions(), "seconds": {}}
+
+    def timed(name, fn, *a):
+        t0 = time.perf_counter()
+        result = fn(*a)
+        log["seconds"][name] = round(time.perf_counter() - t0, 1)
+        atomic_write_json(log, args.out / "train_log.json")
+        return result
+
+    scenes, images = timed("data", make_data, opts)
+    labels = _scene_labels(scenes)
+    vae = timed("vae", train_vae, images, opts, log)
+    classifier = timed("classifier", train_classifier, images, labels, opts, log)
+    classifier.save(args.out / "classifier")
+    timed("unet", train_unet, vae, scenes, images, opts, log, args.out)
+    print(f"done: {args.out} ({log['seconds']})")
+
+
+if __name__ == "__main__":
+    main()
