@@ -6,6 +6,9 @@ and up blocks (7 transformer blocks in all); DPM-Solver++ for sampling.
 
 from __future__ import annotations
 
+from dataclasses import asdict
+from pathlib import Path
+
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
@@ -15,6 +18,8 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ..io import atomic_write_json
+from ..loading import DEFAULTS_FILE, GenerationDefaults
 from .tokenizer import MAX_LENGTH
 
 TEXT_WIDTH = 64
@@ -75,6 +80,12 @@ def build_train_scheduler() -> DDPMScheduler:
 
 def build_sample_scheduler() -> DPMSolverMultistepScheduler:
     return DPMSolverMultistepScheduler(**_SCHEDULE, prediction_type="epsilon", algorithm_type="dpmsolver++")
+
+
+def write_defaults(directory: Path) -> None:
+    """Record ConceptWorld's generation defaults beside its pipeline, where `load` reads them."""
+    defaults = GenerationDefaults(DEFAULT_STEPS, DEFAULT_GUIDANCE, height=32, width=32)
+    atomic_write_json(asdict(defaults), Path(directory) / DEFAULTS_FILE)
 
 
 def assemble(

@@ -45,10 +45,10 @@ class ConceptClassifier(nn.Module):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> dict[str, list[str]]:
-        """Factor value names per image."""
+        """Factor value names per image; `images` (N, 3, 32, 32) in [0, 1], as `generate` returns them."""
         was_training = self.training
         self.eval()
-        logits = self(images.to(next(self.parameters()).device, torch.float32))
+        logits = self(images.to(next(self.parameters()).device, torch.float32) * 2 - 1)
         self.train(was_training)
         return {f: [FACTORS[f][i] for i in lg.argmax(-1).tolist()] for f, lg in logits.items()}
 

@@ -115,7 +115,7 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, opts: TrainOpti
     # Held-out accuracy on fresh renders from a seed never used for training.
     rng = np.random.default_rng(opts.seed + 1000)
     scenes = sample_scenes(2000, rng)
-    pred = model.predict(torch.from_numpy(render_batch(scenes, rng)))
+    pred = model.predict((torch.from_numpy(render_batch(scenes, rng)) + 1) / 2)
     acc = {f: float(np.mean([p == getattr(s, f) for p, s in zip(pred[f], scenes)])) for f in FACTORS}
     log["classifier"] = {"heldout_accuracy": acc, "heldout_n": len(scenes)}
     print("classifier held-out accuracy:", acc)
@@ -126,6 +126,7 @@ def _save_pipeline(vae, text_encoder, tokenizer, unet, out: Path) -> None:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     arch.assemble(vae, text_encoder, tokenizer, unet).save_pretrained(tmp, safe_serialization=True)
+    arch.write_defaults(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

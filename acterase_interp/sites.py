@@ -1,0 +1,144 @@
+"""Intervention sites: named places in the UNet where activations are recorded and patched.
+
+Each UNet transformer block offers four sites, named `<block>.<kind>`:
+
+- `ffn_hidden`: the GEGLU output, i.e. the input of `ff.net.2` (the paper's default site);
+- `ffn_out`: the output of the feed-forward module `ff`;
+- `attn1_out`: the output of self-attention `attn1`;
+- `attn2_out`: the output of cross-attention `attn2`;
+
+and `unet_out` is the UNet's output. Blocks are named `down.<i>.<j>`, `mid.<j>` and `up.<i>.<j>`
+(`<i>` the UNet block, `<j>` its attention module; a `.<k>` suffix where an attention module holds
+several transformer blocks). Sites are listed in execution order, which nnsight requires within a
+denoising step, with shapes measured by one forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import UNet2DConditionModel
+
+SITE_KINDS: tuple[str, ...] = ("attn1_out", "attn2_out", "ffn_hidden", "ffn_out", "unet_out")
+UNET_OUT = "unet_out"
+
+# kind -> (module path inside a transformer block, "input" or "output", path of the Linear that reads it)
+_KIND_SPEC: dict[str, tuple[str, str, str | None]] = {
+    "attn1_out": ("attn1", "output", None),
+    "attn2_out": ("attn2", "output", None),
+    "ffn_hidden": ("ff.net.2", "input", "ff.net.2"),
+    "ffn_out": ("ff", "output", None),
+}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One intervention site of a UNet."""
+
+    name: str
+    """Human name, e.g. `down.1.0.ffn_hidden` or `unet_out`."""
+    kind: str
+    """One of `SITE_KINDS`."""
+    block: str
+    """The transformer block (`down.1.0`, `mid.0`, `up.1.2`), or `unet` for `unet_out`."""
+    module_path: str
+    """Dotted path of the module inside the UNet ("" for the UNet itself)."""
+    io: str
+    """Whether the site is the module's `input` or its `output`."""
+    reader_path: str | None
+    """Dotted path of the Linear whose weight reads the site (importance I = W·|x|), or None."""
+    shape: tuple[int, ...]
+    """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`."""
+
+
+def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
+    """(human block name, module path) of every transformer block, in module order."""
+    out = []
+    groups = [("down", f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
+    groups.append(("mid", "mid_block", unet.mid_block))
+    groups += [("up", f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+    for prefix, path, block in groups:
+        for j, attn in enumerate(getattr(block, "attentions", None) or []):
+            blocks = attn.transformer_blocks
+            for k in range(len(blocks)):
+                index = f"{j}" if prefix == "mid" else f"{path.split('.')[1]}.{j}"
+                name = f"{prefix}.{index}" + (f".{k}" if len(blocks) > 1 else "")
+                out.append((name, f"{path}.attentions.{j}.transformer_blocks.{k}"))
+    return out
+
+
+def _candidates(unet: UNet2DConditionModel) -> list[Site]:
+    sites = []
+    for block, path in _block_names(unet):
+        for kind, (sub, io, reader) in _KIND_SPEC.items():
+            sites.append(Site(f"{block}.{kind}", kind, block, f"{path}.{sub}", io, reader and f"{path}.{reader}", ()))
+    sites.append(Site(UNET_OUT, UNET_OUT, "unet", "", "output", None, ()))
+    return sites
+
+
+@torch.no_grad()
+def discover_sites(unet: UNet2DConditionModel, sample_size: int | None = None) -> list[Site]:
+    """Every site of `unet`, in execution order, with per-image shapes at `sample_size` latent
+    pixels (default: the UNet's configured sample size). Runs one forward pass on zeros."""
+    size = sample_size or unet.config.sample_size
+    candidates = {(s.module_path, s.io): s for s in _candidates(unet)}
+    seen: list[tuple[Site, tuple[int, ...]]] = []
+    handles = []
+    for (path, io), site in candidates.items():
+        module = unet.get_submodule(path) if path else unet
+
+        def hook(mod, args, output, site=site):
+            x = args[0] if site.io == "input" else output
+            x = x.sample if hasattr(x, "sample") else (x[0] if isinstance(x, tuple) else x)
+            seen.append((site, tuple(x.shape[1:])))
+
+        handles.append(module.register_forward_hook(hook))
+    try:
+        p = next(unet.parameters())
+        sample = torch.zeros(1, unet.config.in_channels, size, size, dtype=p.dtype, device=p.device)
+        context = torch.zeros(1, 1, unet.config.cross_attention_dim, dtype=p.dtype, device=p.device)
+        unet(sample, 10, encoder_hidden_states=context)
+    finally:
+        for h in handles:
+            h.remove()
+    # Forward hooks fire when a module returns: a Linear's input hook fires before its parent's output.
+    return [Site(s.name, s.kind, s.block, s.module_path, s.io, s.reader_path, shape) for s, shape in seen]
+
+
+def select_sites(
+    sites: list[Site], kinds: str | tuple[str, ...] | list[str] = "ffn_hidden", blocks: list[str] | None = None
+) -> list[Site]:
+    """The sites of the given kinds (and, if given, blocks or block prefixes such as "down"),
+    in execution order. Unknown kinds or blocks are an error."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    bad = [k for k in kinds if k not in SITE_KINDS]
+    if bad:
+        raise ValueError(f"unknown site kind(s) {bad}; choose from {SITE_KINDS}")
+    known_blocks = sorted({s.block for s in sites if s.kind != UNET_OUT})
+
+    def wanted(block: str) -> bool:
+        return blocks is None or any(block == b or block.startswith(b + ".") for b in blocks)
+
+    if blocks is not None:
+        missing = [b for b in blocks if not any(k == b or k.startswith(b + ".") for k in known_blocks)]
+        if missing:
+            raise ValueError(f"unknown block(s) {missing}; this UNet has {known_blocks} (or prefixes down/mid/up)")
+    return [s for s in sites if s.kind in kinds and (s.kind == UNET_OUT or wanted(s.block))]
+
+
+def site_by_name(sites: list[Site], name: str) -> Site:
+    """The site called `name`; a clear error lists the names that exist."""
+    for s in sites:
+        if s.name == name:
+            return s
+    raise KeyError(f"unknown site {name!r}; this UNet has: {', '.join(s.name for s in sites)}")
+
+
+def reader_weight_norm(unet: UNet2DConditionModel, site: Site) -> torch.Tensor | None:
+    """Per-unit L1 norm of the reading Linear's weight columns, sum_i |W_ij|, so that the
+    per-unit importance of Eq. 4 is I_j = |x_j| * sum_i |W_ij|; None where no Linear reads the site."""
+    if site.reader_path is None:
+        return None
+    weight = unet.get_submodule(site.reader_path).weight
+    return weight.detach().abs().sum(dim=0).float()
