@@ -1,0 +1,20 @@
+"""acterase-interp: ActErase concept erasure and mechanistic interpretability for text-to-image
+diffusion models, built on nnsight tracing, with ConceptWorld as the bundled offline model."""
+
+from .generation import generate
+from .loading import GenerationDefaults, architecture_hash, load, load_pipeline, wrap
+from .sites import SITE_KINDS, Site, discover_sites, select_sites, site_by_name
+
+__all__ = [
+    "SITE_KINDS",
+    "GenerationDefaults",
+    "Site",
+    "architecture_hash",
+    "discover_sites",
+    "generate",
+    "load",
+    "load_pipeline",
+    "select_sites",
+    "site_by_name",
+    "wrap",
+]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shutil
 import time
@@ -19,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
@@ -36,6 +38,7 @@ class TrainOptions:
     seed: int = 0
     n_images: int = 40_000
     batch: int = 128
+    vae_batch: int = 64
     vae_steps: int = 1_000
     classifier_steps: int = 800
     unet_steps: int = 2_400
@@ -69,7 +72,7 @@ def train_vae(images: torch.Tensor, opts: TrainOptions, log: dict) -> torch.nn.M
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.vae_steps))
     losses = []
     for step in (bar := tqdm(range(opts.vae_steps), desc="VAE")):
-        x = images[torch.randint(len(images), (opts.batch,), generator=gen)]
+        x = images[torch.randint(len(images), (opts.vae_batch,), generator=gen)]
         post = vae.encode(x).latent_dist
         recon = vae.decode(post.sample(generator=gen)).sample
         mse = F.mse_loss(recon, x)
@@ -194,7 +197,9 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(opts.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    log: dict = {"options": asdict(opts), "versions": library_versions(), "seconds": {}}
+    log_path = args.out / "train_log.json"
+    log: dict = json.loads(log_path.read_text()) if log_path.exists() else {"seconds": {}}
+    log.update(options=asdict(opts), versions=library_versions())
 
     def timed(name, fn, *a):
         t0 = time.perf_counter()
@@ -205,9 +210,16 @@ def main(argv: list[str] | None = None) -> None:
 
     scenes, images = timed("data", make_data, opts)
     labels = _scene_labels(scenes)
-    vae = timed("vae", train_vae, images, opts, log)
-    classifier = timed("classifier", train_classifier, images, labels, opts, log)
-    classifier.save(args.out / "classifier")
+    # Finished stages are kept under --out, so an interrupted run resumes after them.
+    vae_dir = args.out / "stage_vae"
+    if (vae_dir / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    else:
+        vae = timed("vae", train_vae, images, opts, log)
+        vae.save_pretrained(vae_dir)
+    if not (args.out / "classifier" / "classifier.safetensors").exists():
+        classifier = timed("classifier", train_classifier, images, labels, opts, log)
+        classifier.save(args.out / "classifier")
     timed("unet", train_unet, vae, scenes, images, opts, log, args.out)
     print(f"done: {args.out} ({log['seconds']})")
 
