@@ -6,34 +6,43 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
-def _atomic(path: Path, write) -> None:
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> Path:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then move it into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def atomic_write_text(text: str, path: str | Path) -> Path:
+    """Write `text` as UTF-8."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> None:
     """Write `obj` as indented JSON."""
 
-    def write(tmp: str) -> None:
-        Path(tmp).write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-    _atomic(Path(path), write)
+    atomic_write_text(json.dumps(obj, indent=2) + "\n", path)
 
 
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     """Write `tensors` (contiguous, CPU copies are made) as safetensors."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -1,0 +1,193 @@
+"""Scoring a patch (an eraser, a merged eraser, a subspace patch) on fixed prompts and seeds:
+the concept rate on prompts that ask for the concept, and what is preserved on prompts that do
+not (factor accuracy relative to the unpatched model, and the same-seed image distance).
+
+Replicates: evaluation seed s generates image j of a prompt set with seed `s * SEED_STRIDE + j`
+in both the patched and the unpatched run, so every comparison is same-seed and every replicate
+uses fresh noise. Unpatched results are cached per seed: a sweep generates them once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..generation import generate
+from ..metrics import Classifier, Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
+from ..metrics import preservation as preservation_ratio
+from ..provenance import library_versions
+from ..world.captions import WORDS, canonical
+from ..world.factors import FACTORS, Scene, all_scenes
+from .patching import Patch, Window, patched
+from .records import Record
+
+SEED_STRIDE = 100_000
+"""Image j of evaluation seed s is generated with seed s * SEED_STRIDE + j."""
+DISTANCES = ("mae", "rmse")
+
+_PHRASES = {
+    factor: [(re.compile(rf"(?<![\w-]){re.escape(w)}(?![\w-])"), v) for v in values for w in WORDS[v]]
+    for factor, values in FACTORS.items()
+}
+
+
+def scene_of(prompt: str) -> Scene:
+    """The ConceptWorld scene a caption asks for (canonical words or synonyms, any template); a
+    clear error if a factor is unsaid or ambiguous."""
+    found = {}
+    for factor, phrases in _PHRASES.items():
+        values = {v for pattern, v in phrases if pattern.search(prompt.lower())}
+        if len(values) != 1:
+            what = "names no" if not values else f"names several ({sorted(values)})"
+            raise ValueError(f"prompt {prompt!r} {what} {factor}: non-target prompts must name every factor once")
+        found[factor] = values.pop()
+    return Scene(**found)
+
+
+def prompts_without(concepts: Sequence[str], template: int = 0) -> tuple[list[str], list[Scene]]:
+    """Canonical captions (and scenes) of every ConceptWorld scene that shows none of `concepts`:
+    the non-target set on which a multi-concept eraser must preserve content."""
+    banned = set(concepts)
+    scenes = [s for s in all_scenes() if not banned & {s.shape, s.color, s.background}]
+    if not scenes:
+        raise ValueError(f"every ConceptWorld scene shows one of {sorted(banned)}")
+    return [canonical(s, template) for s in scenes], scenes
+
+
+def _rate_fields(prefix: str, rate: Rate) -> Record:
+    return {prefix: rate.value, f"{prefix}_low": rate.ci_low, f"{prefix}_high": rate.ci_high, f"{prefix}_n": rate.n}
+
+
+def patch_info(patch: Any) -> Record:
+    """Provenance of a patch for result rows: its options, fitting seeds and concept(s)."""
+    if patch is None:
+        return {"options": None, "fit_seeds": None}
+    manifest = getattr(patch, "manifest", None) or getattr(patch, "meta", None) or {}
+    if "merged_from" in manifest:
+        parts = manifest["merged_from"]
+        return {"options": [m.get("options") for m in parts], "fit_seeds": [m.get("seeds") for m in parts],
+                "concepts": manifest.get("concepts")}  # fmt: skip
+    return {"options": manifest.get("options"), "fit_seeds": manifest.get("seeds")}
+
+
+class Evaluator:
+    """Scores patches on one concept's prompts, caching the unpatched run per seed.
+
+    `target_prompts` ask for the concept (the concept rate is the share of their images the
+    classifier reads as the concept; lower is better after erasure); `heldout_prompts` are
+    paraphrases scored the same way; `non_target_prompts` must keep their content (ConceptWorld
+    captions, parsed with `scene_of` unless `non_target_scenes` are given). Either set may be empty."""
+
+    def __init__(
+        self,
+        model: Any,
+        classifier: Classifier,
+        concept: str | None,
+        target_prompts: Sequence[str] = (),
+        non_target_prompts: Sequence[str] = (),
+        *,
+        heldout_prompts: Sequence[str] = (),
+        non_target_scenes: Sequence[Scene] | None = None,
+        images_per_prompt: int = 1,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        batch_size: int = 64,
+        distance: str = "mae",
+    ) -> None:
+        if distance not in DISTANCES:
+            raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
+        if images_per_prompt < 1:
+            raise ValueError(f"images_per_prompt must be at least 1, got {images_per_prompt}")
+        if (target_prompts or heldout_prompts) and concept is None:
+            raise ValueError("target prompts need the concept whose rate they measure")
+        if not (target_prompts or heldout_prompts or non_target_prompts):
+            raise ValueError("nothing to evaluate: give target, held-out or non-target prompts")
+        self.model, self.classifier, self.concept = model, classifier, concept
+        self.sets = {
+            name: [p for p in prompts for _ in range(images_per_prompt)]
+            for name, prompts in (("target", target_prompts), ("heldout", heldout_prompts), ("non_target", non_target_prompts))
+        }
+        scenes = non_target_scenes if non_target_scenes is not None else [scene_of(p) for p in non_target_prompts]
+        if len(scenes) != len(non_target_prompts):
+            raise ValueError(f"{len(scenes)} scenes for {len(non_target_prompts)} non-target prompts")
+        self.scenes = [s for s in scenes for _ in range(images_per_prompt)]
+        self.options = {"num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                        "images_per_prompt": images_per_prompt, "distance": distance}  # fmt: skip
+        self.batch_size, self.distance = batch_size, distance
+        self._baseline: dict[int, dict[str, Any]] = {}
+
+    @classmethod
+    def from_pairs(cls, model: Any, classifier: Classifier, pairs: Any, **kwargs: Any) -> Evaluator:
+        """An evaluator on a `PromptPairs`' targets, held-out paraphrases and non-target prompts."""
+        return cls(model, classifier, pairs.concept, pairs.targets, pairs.non_target, heldout_prompts=pairs.heldout, **kwargs)
+
+    def images(self, prompts: Sequence[str], seed: int, patch: Patch | None = None, steps: Window | None = None) -> torch.Tensor:
+        """Images of `prompts` for evaluation seed `seed`, with `patch` on (during `steps`)."""
+        with patched(self.model, patch, steps):
+            return generate(self.model, list(prompts), seeds=seed * SEED_STRIDE,
+                            num_inference_steps=self.options["num_inference_steps"],
+                            guidance_scale=self.options["guidance_scale"], batch_size=self.batch_size, progress=False)  # fmt: skip
+
+    def _run(self, seed: int, patch: Patch | None, steps: Window | None) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, prompts in self.sets.items():
+            if prompts:
+                images = self.images(prompts, seed, patch, steps)
+                out[name] = (images, self.classifier.predict(images))
+        return out
+
+    def baseline(self, seed: int) -> dict[str, Any]:
+        """The unpatched run of `seed` (images and predictions per prompt set), cached."""
+        if seed not in self._baseline:
+            self._baseline[seed] = self._run(seed, None, None)
+        return self._baseline[seed]
+
+    def evaluate(self, patch: Patch | None, seed: int = 0, steps: Window | None = None, **meta: Any) -> Record:
+        """One row: concept rates (`concept_rate`, `heldout_concept_rate`, each with Wilson
+        `_low`/`_high`, and the unpatched `baseline_*`), `concept_drop` (baseline minus patched),
+        non-target factor accuracies (`non_target_accuracy` = all factors right, and per factor),
+        `preservation` (accuracy kept relative to the unpatched run), `image_distance` (mean
+        same-seed distance on non-target images), the seed, window, options and `meta`."""
+        base, run = self.baseline(seed), self._run(seed, patch, steps)
+        row: Record = {"concept": self.concept, "seed": seed, "steps": list(steps) if steps else None, **meta}
+        for name in ("target", "heldout"):
+            if name in run:
+                prefix = "concept_rate" if name == "target" else "heldout_concept_rate"
+                before = concept_rate_from_predictions(base[name][1], self.concept)
+                after = concept_rate_from_predictions(run[name][1], self.concept)
+                row.update(_rate_fields(prefix, after), **_rate_fields(f"baseline_{prefix}", before))
+                row[f"{prefix.replace('rate', 'drop')}"] = before.value - after.value
+        if "non_target" in run:
+            before = factor_accuracy_from_predictions(base["non_target"][1], self.scenes)
+            after = factor_accuracy_from_predictions(run["non_target"][1], self.scenes)
+            row.update(_rate_fields("non_target_accuracy", after["all"]))
+            row["baseline_non_target_accuracy"] = before["all"].value
+            row.update({f"accuracy_{f}": after[f].value for f in FACTORS})
+            row["preservation"] = preservation_ratio(before["all"], after["all"]) if before["all"].value > 0 else float("nan")
+            dist = image_distance(run["non_target"][0], base["non_target"][0], self.distance)
+            row["image_distance"] = float(dist.mean())
+        row.update(patch_info(patch), eval_options=dict(self.options), versions=library_versions())
+        return row
+
+    __call__ = evaluate
+
+
+def evaluate_eraser(
+    model: Any,
+    eraser: Patch | None,
+    classifier: Classifier,
+    concept: str,
+    target_prompts: Sequence[str],
+    non_target_prompts: Sequence[str] = (),
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    progress: bool = True,
+    **options: Any,
+) -> list[Record]:
+    """`Evaluator(...).evaluate(eraser, seed)` for every seed: one row per seed (see `Evaluator`)."""
+    evaluator = Evaluator(model, classifier, concept, target_prompts, non_target_prompts, **options)
+    return [evaluator(eraser, s) for s in tqdm(list(seeds), desc="evaluate", disable=not progress)]

@@ -1,0 +1,142 @@
+"""Plotly figures drawn straight from analysis records: heatmaps (difference, causal and IoU
+maps), curves and bars with error bars, the tau Pareto plot, and a spatial map over an image."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import plotly.graph_objects as go
+import torch
+import torch.nn.functional as F
+
+from .records import Record, column
+from .sweeps import PAPER_TAUS
+
+
+def _rows(records: Iterable[Record]) -> list[Record]:
+    rows = list(records)
+    if not rows:
+        raise ValueError("no records to plot")
+    return rows
+
+
+def heatmap(
+    records: Iterable[Record], x: str, y: str, value: str, *, title: str = "", colorscale: str = "Viridis"
+) -> go.Figure:
+    """A heatmap of `value` over `x` (columns) and `y` (rows), in first-seen order of each axis;
+    cells without a record are left blank."""
+    rows = _rows(records)
+    xs, ys = list(dict.fromkeys(column(rows, x))), list(dict.fromkeys(column(rows, y)))
+    grid: list[list[float | None]] = [[None] * len(xs) for _ in ys]
+    for r in rows:
+        grid[ys.index(r[y])][xs.index(r[x])] = r[value]
+    fig = go.Figure(go.Heatmap(z=grid, x=[str(v) for v in xs], y=[str(v) for v in ys], colorscale=colorscale,
+                               colorbar={"title": value}))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, yaxis={"autorange": "reversed"})
+    return fig
+
+
+def _error(rows: list[Record], y: str, low: str | None, high: str | None) -> dict | None:
+    if low is None or high is None:
+        return None
+    ys = column(rows, y)
+    return {"type": "data", "symmetric": False,
+            "array": [h - v for h, v in zip(column(rows, high), ys)],
+            "arrayminus": [v - lo for lo, v in zip(column(rows, low), ys)]}  # fmt: skip
+
+
+def curves(
+    records: Iterable[Record],
+    x: str,
+    y: str,
+    *,
+    group: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
+    log_x: bool = False,
+    title: str = "",
+) -> go.Figure:
+    """One line per `group` value of `y` against `x`, with error bars from the `low`/`high`
+    fields when given (e.g. `group_mean`'s `<value>_low` / `<value>_high`)."""
+    rows = _rows(records)
+    fig = go.Figure()
+    groups = list(dict.fromkeys(column(rows, group))) if group else [None]
+    for g in groups:
+        part = sorted((r for r in rows if group is None or r[group] == g), key=lambda r: r[x])
+        fig.add_trace(go.Scatter(x=column(part, x), y=column(part, y), mode="lines+markers",
+                                 name=str(g) if group else y, error_y=_error(part, y, low, high)))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, xaxis_type="log" if log_x else None)
+    return fig
+
+
+def bars(
+    records: Iterable[Record],
+    x: str,
+    y: str,
+    *,
+    group: str | None = None,
+    low: str | None = None,
+    high: str | None = None,
+    title: str = "",
+) -> go.Figure:
+    """Grouped bars of `y` per `x` (one bar series per `group` value), with error bars."""
+    rows = _rows(records)
+    fig = go.Figure()
+    for g in list(dict.fromkeys(column(rows, group))) if group else [None]:
+        part = [r for r in rows if group is None or r[group] == g]
+        fig.add_trace(go.Bar(x=[str(v) for v in column(part, x)], y=column(part, y), name=str(g) if group else y,
+                             error_y=_error(part, y, low, high)))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, barmode="group")
+    return fig
+
+
+def pareto_plot(
+    records: Iterable[Record],
+    front: Sequence[Record] = (),
+    *,
+    x: str = "concept_rate",
+    y: str = "preservation",
+    tau: str = "tau",
+    highlight: Sequence[float] = PAPER_TAUS,
+    title: str = "Erasure vs preservation",
+) -> go.Figure:
+    """Every tau as a point (error bars from `<x>_low/_high` and `<y>_low/_high` when present),
+    the Pareto front as a line, and the paper's taus (`highlight`) marked in a separate trace."""
+    rows = _rows(records)
+
+    def errors(part: list[Record], key: str) -> dict | None:
+        has = all(f"{key}_low" in r and f"{key}_high" in r for r in part)
+        return _error(part, key, f"{key}_low", f"{key}_high") if has and part else None
+
+    def labels(part: list[Record]) -> list[str]:
+        return [f"tau={r[tau]:g}" for r in part]
+
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=column(rows, x), y=column(rows, y), mode="markers", name="tau sweep",
+                             text=labels(rows), error_x=errors(rows, x), error_y=errors(rows, y)))  # fmt: skip
+    if front:
+        part = sorted(front, key=lambda r: r[x])
+        fig.add_trace(go.Scatter(x=column(part, x), y=column(part, y), mode="lines", name="Pareto front"))
+    marked = [r for r in rows if any(abs(r[tau] - t) <= 1e-9 * max(1.0, t) for t in highlight)]
+    if marked:
+        fig.add_trace(go.Scatter(x=column(marked, x), y=column(marked, y), mode="markers+text", name="paper's tau",
+                                 text=labels(marked), textposition="top center",
+                                 marker={"symbol": "star", "size": 14}))  # fmt: skip
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=y)
+    return fig
+
+
+def spatial_overlay(image: torch.Tensor, values: torch.Tensor, *, opacity: float = 0.5, title: str = "") -> go.Figure:
+    """An (h, w) map (e.g. `spatial_difference`) upsampled bilinearly onto an image (3, H, W) in
+    [0, 1] and drawn over it, half transparent."""
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be (3, H, W), got shape {tuple(image.shape)}")
+    if values.ndim != 2:
+        raise ValueError(f"values must be an (h, w) map, got shape {tuple(values.shape)}")
+    height, width = image.shape[1:]
+    up = F.interpolate(values[None, None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+    pixels = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    fig = go.Figure(go.Image(z=pixels, name="image"))
+    fig.add_trace(go.Heatmap(z=up.cpu().tolist(), opacity=opacity, colorscale="Inferno", name="difference"))
+    fig.update_layout(title=title, yaxis={"autorange": "reversed", "scaleanchor": "x"})
+    return fig

@@ -1,0 +1,214 @@
+"""Where a concept lives in the UNet: correlational maps (how much the target run's activations
+differ from the source run's, per site and denoising step, and over the image plane) and a causal
+map (how much patching one layer during one window of steps erases the concept, and what it costs
+non-target prompts), compared by rank correlation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from scipy.stats import spearmanr
+from tqdm.auto import tqdm
+
+from ..world.factors import factor_of
+from .patching import Window
+from .records import Record, column, group_mean
+
+if TYPE_CHECKING:
+    from ..erase import FitStatistics
+    from .evaluation import Evaluator
+
+
+def normalized_difference(target: torch.Tensor, source: torch.Tensor, dim: int | tuple[int, ...] = -1) -> torch.Tensor:
+    """||target - source|| / ||source|| over `dim`: the size of the concept's change relative to
+    the activation's own size, comparable across sites of different widths and scales."""
+    if target.shape != source.shape:
+        raise ValueError(f"target and source differ in shape: {tuple(target.shape)} vs {tuple(source.shape)}")
+    t, s = target.double(), source.double()
+    return ((t - s).norm(dim=dim) / s.norm(dim=dim).clamp_min(1e-12)).float()
+
+
+def token_grid(values: torch.Tensor) -> torch.Tensor:
+    """Per-token values (tokens,) as the square (h, w) feature map they came from (UNet
+    transformer tokens are the flattened h x w latent grid, row-major)."""
+    if values.ndim != 1:
+        raise ValueError(f"expected one value per token, got shape {tuple(values.shape)}")
+    side = math.isqrt(values.numel())
+    if side * side != values.numel():
+        raise ValueError(f"{values.numel()} tokens do not form a square feature map")
+    return values.reshape(side, side)
+
+
+def spatial_difference(target: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """Where on the image plane the target run differs from the source run: for activations
+    (..., tokens, units) (leading axes, e.g. pairs or steps, are averaged), the per-token norm of the
+    difference divided by the mean per-token norm of the source, as an (h, w) map."""
+    if target.shape != source.shape or target.ndim < 2:
+        raise ValueError(f"need matching (..., tokens, units) activations, got {tuple(target.shape)} and {tuple(source.shape)}")
+    diff = (target.double() - source.double()).norm(dim=-1)
+    scale = source.double().norm(dim=-1).mean().clamp_min(1e-12)
+    per_token = (diff / scale).reshape(-1, target.shape[-2]).mean(0)
+    return token_grid(per_token.float())
+
+
+def step_windows(num_steps: int, width: int, stride: int | None = None) -> list[Window]:
+    """Windows of `width` steps every `stride` (default: `width`, no overlap) covering
+    `num_steps`; the last window is cut short at `num_steps`."""
+    if num_steps < 1 or width < 1:
+        raise ValueError(f"num_steps and width must be positive, got {num_steps} and {width}")
+    stride = stride or width
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    return [(start, min(start + width, num_steps)) for start in range(0, num_steps, stride)]
+
+
+def causal_map(
+    measure: Callable[[str, Window], float | Mapping[str, float]],
+    layers: Sequence[str],
+    windows: Sequence[Window],
+    *,
+    progress: bool = True,
+    **meta: Any,
+) -> list[Record]:
+    """Patch one layer during one window of steps at a time and record what `measure` reports.
+
+    `measure(layer, window)` runs the intervention and returns a number (recorded as `value`) or a
+    dict of named numbers (e.g. `{"concept_drop": ..., "damage": ...}`), so it can be a
+    synthetic stand-in in tests or `eraser_measure(...)` on a real model. One row per (layer,
+    window) with `layer`, `start`, `stop` and `meta` (seeds, options)."""
+    if not layers or not windows:
+        raise ValueError("causal_map needs at least one layer and one window")
+    out = []
+    cells = [(layer, tuple(w)) for layer in layers for w in windows]
+    for layer, (start, stop) in tqdm(cells, desc="causal map", disable=not progress):
+        result = measure(layer, (start, stop))
+        values = dict(result) if isinstance(result, Mapping) else {"value": float(result)}
+        out.append({"layer": layer, "start": start, "stop": stop, **values, **meta})
+    return out
+
+
+def window_mean(
+    records: Iterable[Record], windows: Sequence[Window], value: str = "value", step: str = "step", by: str = "site"
+) -> list[Record]:
+    """Average a per-step map (rows with `by`, `step`, `value`) over step windows, so that a
+    correlational site x step map lines up with a causal layer x window map."""
+    rows = list(records)
+    out = []
+    for key in dict.fromkeys(r[by] for r in rows):
+        for start, stop in windows:
+            values = [float(r[value]) for r in rows if r[by] == key and start <= r[step] < stop]
+            if values:
+                out.append({by: key, "start": start, "stop": stop, value: sum(values) / len(values)})
+    return out
+
+
+def map_correlation(
+    a: Iterable[Record], b: Iterable[Record], keys: Sequence[str], value_a: str = "value", value_b: str = "value"
+) -> Record:
+    """Spearman rank correlation between two maps given as rows, matched on `keys` (e.g.
+    `("layer", "start")`): does the layer/step where the difference is large also matter causally?
+    Returns `rho`, `p_value` and `n` (matched cells; cells only in one map are ignored)."""
+    a, b = list(a), list(b)
+    for rows, value in ((a, value_a), (b, value_b)):
+        for k in (*keys, value):
+            column(rows, k)  # a clear error for a missing field
+    index = {tuple(r[k] for k in keys): float(r[value_b]) for r in b}
+    pairs = [(float(r[value_a]), index[key]) for r in a if (key := tuple(r[k] for k in keys)) in index]
+    if len(pairs) < 3:
+        raise ValueError(f"only {len(pairs)} cells match on {tuple(keys)}; need at least 3 to correlate")
+    x, y = zip(*pairs)
+    result = spearmanr(x, y)
+    return {"rho": float(result.statistic), "p_value": float(result.pvalue), "n": len(pairs)}
+
+
+# -- on a fitted model -----------------------------------------------------------------------
+
+
+def _meta(statistics: FitStatistics) -> Record:
+    return {"concept": statistics.pairs.concept, "fit_seeds": list(statistics.seeds), "options": statistics.options.to_dict()}
+
+
+def difference_map(statistics: FitStatistics) -> list[Record]:
+    """The correlational map: per site (`site`, and its block as `layer`) and denoising `step`
+    (with its `timestep`), `FitStatistics.difference()`, the mean |I_t - I_s| over pairs and
+    units divided by the mean I_s -- how much the concept changes that site's importance then.
+    Computed from stored statistics: no model run."""
+    meta = _meta(statistics)
+    out = []
+    for site in statistics.sites:
+        profile = statistics.difference()[site.name]
+        for step, value in enumerate(profile.tolist()):
+            out.append({"site": site.name, "layer": site.block, "step": step,
+                        "timestep": statistics.timesteps[step], "value": value, **meta})  # fmt: skip
+    return out
+
+
+def spatial_map(statistics: FitStatistics, site: str, steps: Window | None = None) -> torch.Tensor:
+    """Where on the feature map the concept changes `site`: `spatial_difference` of the target and
+    source (token, unit) importances, averaged over pairs and the steps in `steps` (default all),
+    as an (h, w) map. Needs a fit with `granularity="token_unit"`."""
+    if not statistics.token_importance_source:
+        raise ValueError("spatial maps need per-token statistics: fit with EraseOptions(granularity='token_unit')")
+    if site not in statistics.token_importance_source:
+        raise KeyError(f"no site {site!r} in this fit; it has {[s.name for s in statistics.sites]}")
+    start, stop = steps or (0, statistics.num_steps)
+    target = statistics.token_importance_target[site][:, start:stop]
+    source = statistics.token_importance_source[site][:, start:stop]
+    if target.shape[1] == 0:
+        raise ValueError(f"steps {steps} select none of the {statistics.num_steps} fitted steps")
+    return spatial_difference(target, source)
+
+
+def site_profile(statistics: Mapping[str, FitStatistics]) -> list[Record]:
+    """Which sites carry which concepts: per concept (and its ConceptWorld factor: shape, color or
+    background; "concept" for other concepts) and site, the difference map averaged over steps
+    (`value`) and its `share` of the concept's total over sites, comparable across concepts."""
+    out = []
+    for concept, stats in statistics.items():
+        try:
+            factor = factor_of(concept)
+        except ValueError:
+            factor = "concept"
+        means = {s: p.mean().item() for s, p in stats.difference().items()}
+        total = sum(means.values()) or 1.0
+        for site in stats.sites:
+            out.append({"concept": concept, "factor": factor, "site": site.name, "layer": site.block,
+                        "value": means[site.name], "share": means[site.name] / total,
+                        "fit_seeds": list(stats.seeds), "options": stats.options.to_dict()})  # fmt: skip
+    return out
+
+
+def layers_of(statistics: FitStatistics) -> list[str]:
+    """The fitted blocks, in execution order: the "layers" a causal map patches one at a time."""
+    return list(dict.fromkeys(s.block for s in statistics.sites))
+
+
+def eraser_measure(
+    statistics: FitStatistics,
+    evaluator: Evaluator,
+    tau: float = 0.01,
+    seeds: Sequence[int] = (0, 1, 2),
+    **overrides: Any,
+) -> Callable[[str, Window], Record]:
+    """The real `measure` for `causal_map`: the fit's eraser restricted to one block
+    (`FitStatistics.eraser(tau, blocks=(layer,))`, no model run) and switched on during one window
+    of steps, scored by `evaluator` on every seed. Returns the seed means of `concept_rate`,
+    `concept_drop` (with `_sem`), `preservation`, `damage` = 1 - preservation, and `image_distance`."""
+
+    def measure(layer: str, window: Window) -> Record:
+        eraser = statistics.eraser(tau=tau, blocks=(layer,), **overrides)
+        rows = [evaluator(eraser, s, steps=window) for s in seeds]
+        out: Record = {"tau": tau, "seeds": list(seeds), **_meta(statistics), **overrides}
+        for key in ("concept_rate", "concept_drop", "preservation", "image_distance"):
+            if all(key in r for r in rows):
+                summary = group_mean(rows, (), key)[0]
+                out[key], out[f"{key}_sem"] = summary[key], summary[f"{key}_sem"]
+        if "preservation" in out:
+            out["damage"] = 1.0 - out["preservation"]
+        return out
+
+    return measure

@@ -1,0 +1,77 @@
+"""Tidy results: every analysis returns a list of dict records (one row each: scalar fields, plus
+provenance such as `options` or `versions` as nested dicts), so a notebook can tabulate, filter or
+plot them without pandas, and convert them when pandas is installed."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from scipy.stats import t as student_t
+
+Record = dict[str, Any]
+
+
+def to_dataframe(records: Sequence[Record]):
+    """The records as a pandas DataFrame (pandas is optional: a clear error if it is missing)."""
+    try:
+        import pandas as pd
+    except ImportError as err:
+        raise ImportError("to_dataframe needs pandas (`pip install pandas`); the records are plain dicts") from err
+    return pd.DataFrame.from_records(list(records))
+
+
+def column(records: Iterable[Record], key: str) -> list[Any]:
+    """The values of one field, in record order; a clear error names the fields that exist."""
+    records = list(records)
+    missing = [i for i, r in enumerate(records) if key not in r]
+    if missing:
+        raise KeyError(f"field {key!r} missing from record {missing[0]}; it has {sorted(records[missing[0]])}")
+    return [r[key] for r in records]
+
+
+def group_mean(
+    records: Iterable[Record], by: str | Sequence[str], value: str, confidence: float = 0.95
+) -> list[Record]:
+    """Mean, standard error and Student-t interval (mean ± t·sem, t for n-1 degrees of freedom:
+    honest with 3 seeds, where a normal interval is too narrow) of `value` per group of `by` (e.g.
+    over seeds), in first-seen group order; `n` counts the records. One record: NaN sem and bounds."""
+    by = (by,) if isinstance(by, str) else tuple(by)
+    groups: dict[tuple, list[float]] = {}
+    for r in records:
+        groups.setdefault(tuple(r[k] for k in by), []).append(float(r[value]))
+    out = []
+    for key, values in groups.items():
+        n = len(values)
+        mean = sum(values) / n
+        sem = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
+        half = float(student_t.ppf(0.5 + confidence / 2, n - 1)) * sem if n > 1 else math.nan
+        out.append({**dict(zip(by, key)), value: mean, f"{value}_sem": sem,
+                    f"{value}_low": mean - half, f"{value}_high": mean + half, "n": n})  # fmt: skip
+    return out
+
+
+def where(records: Iterable[Record], predicate: Callable[[Record], bool] | None = None, **equals: Any) -> list[Record]:
+    """The records whose fields equal `equals` (and, if given, satisfy `predicate`)."""
+    return [r for r in records if all(r.get(k) == v for k, v in equals.items()) and (predicate is None or predicate(r))]
+
+
+def summarize(
+    records: Iterable[Record], by: str | Sequence[str], values: Sequence[str], confidence: float = 0.95
+) -> list[Record]:
+    """`group_mean` of several fields at once: one row per group of `by` with, per value, the mean
+    over the group's records (e.g. seeds), `_sem`, `_low`, `_high`, plus `n` and the `seeds` seen.
+    Values missing from the records are skipped."""
+    rows = list(records)
+    by = (by,) if isinstance(by, str) else tuple(by)
+    present = [v for v in values if rows and all(v in r for r in rows)]
+    out: list[Record] = []
+    for v in present:
+        for i, g in enumerate(group_mean(rows, by, v, confidence)):
+            if len(out) <= i:
+                out.append({k: g[k] for k in by} | {"n": g["n"]})
+            out[i].update({k: g[k] for k in (v, f"{v}_sem", f"{v}_low", f"{v}_high")})
+    for row in out:
+        row["seeds"] = sorted({r.get("seed") for r in rows if all(r[k] == row[k] for k in by)} - {None})
+    return out

@@ -1,0 +1,234 @@
+"""Ablations: a tau sweep traced as an erasure-vs-preservation Pareto curve, each open choice of
+the method at its best tau, and multi-concept scaling. Masks for a new tau, time mask, pair
+combination or layer subset come from stored fit statistics, so only generation is repeated."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs, merge
+from .evaluation import Evaluator
+from .records import Record, summarize
+
+PAPER_TAUS: tuple[float, ...] = (0.01, 0.02)
+"""The paper's thresholds, always part of a tau grid so the Pareto plot can mark them."""
+
+PAIR_SEED_STRIDE = 1_000
+"""Replicate seed s fits with `EraseOptions.seed = s * PAIR_SEED_STRIDE` (pair i: that plus i)."""
+
+SUMMARY_FIELDS: tuple[str, ...] = (
+    "concept_rate", "heldout_concept_rate", "concept_drop", "non_target_accuracy", "preservation",
+    "image_distance", "mask_density",
+)  # fmt: skip
+"""The evaluation fields `summarize` averages over seeds in sweep summaries."""
+
+
+def tau_grid(n: int = 8, low: float = 1e-3, high: float = 0.2, include: Sequence[float] = PAPER_TAUS) -> list[float]:
+    """`n` log-spaced taus from `low` to `high`, plus `include` (the paper's taus), sorted."""
+    if n < 2 or not 0 < low < high:
+        raise ValueError(f"need n >= 2 and 0 < low < high, got n={n}, low={low}, high={high}")
+    step = (math.log(high) - math.log(low)) / (n - 1)
+    grid = {round(math.exp(math.log(low) + i * step), 12) for i in range(n)} | set(include)
+    return sorted(grid)
+
+
+def pareto_front(
+    records: Iterable[Record], x: str = "concept_rate", y: str = "preservation", x_lower: bool = True, y_higher: bool = True
+) -> list[Record]:
+    """The records no other record beats on both `x` and `y` (by default: a lower concept rate and
+    a higher preservation are better), sorted by `x`. Ties on both are all kept."""
+    rows = list(records)
+    sx, sy = (1 if x_lower else -1), (-1 if y_higher else 1)  # turn both into "smaller is better"
+    key = [(sx * float(r[x]), sy * float(r[y])) for r in rows]
+
+    def dominated(i: int) -> bool:
+        a, b = key[i]
+        return any(c <= a and d <= b and (c < a or d < b) for c, d in key)
+
+    front = [r for i, r in enumerate(rows) if not dominated(i)]
+    return sorted(front, key=lambda r: float(r[x]))
+
+
+
+def margin(row: Record) -> float:
+    """The default trade-off score of a tau: preservation minus concept rate (both shares, so a
+    perfect eraser scores 1 and doing nothing scores about 1 - the baseline concept rate)."""
+    return float(row["preservation"]) - float(row["concept_rate"])
+
+
+def fit_seeds(
+    model: Any, pairs: PromptPairs, options: EraseOptions | None = None, seeds: Sequence[int] = (0, 1, 2), *, progress: bool = True
+) -> dict[int, FitStatistics]:
+    """One fit per replicate seed (fresh initial noise for every pair), as statistics to re-threshold."""
+    options = options or EraseOptions()
+    out = {}
+    for s in tqdm(list(seeds), desc="fit seeds", disable=not progress or len(seeds) == 1):
+        fitter = EraserFitter(model, replace(options, seed=s * PAIR_SEED_STRIDE), progress=progress)
+        fitter.fit(pairs)
+        out[s] = fitter.statistics
+    return out
+
+
+def _by_seed(statistics: FitStatistics | Mapping[int, FitStatistics], seeds: Sequence[int] | None) -> dict[int, FitStatistics]:
+    """Replicates: a mapping seed -> statistics (one fit per seed), or one fit scored on `seeds`."""
+    if isinstance(statistics, Mapping):
+        if seeds is not None and set(seeds) != set(statistics):
+            raise ValueError(f"seeds {list(seeds)} differ from the fitted seeds {sorted(statistics)}")
+        return dict(statistics)
+    return {s: statistics for s in (seeds if seeds is not None else (0, 1, 2))}
+
+
+def tau_sweep(
+    statistics: FitStatistics | Mapping[int, FitStatistics],
+    evaluator: Evaluator,
+    taus: Sequence[float] | None = None,
+    seeds: Sequence[int] | None = None,
+    *,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[Record]:
+    """Evaluate the eraser of every tau (default `tau_grid()`), re-thresholding stored statistics
+    (no model run for the masks), for every replicate seed: one row per (tau, seed) with the
+    evaluator's fields. `overrides` (time_mask, blocks, ...) go to `FitStatistics.eraser`."""
+    taus = list(taus) if taus is not None else tau_grid()
+    fits = _by_seed(statistics, seeds)
+    cells = [(tau, s) for tau in taus for s in fits]
+    rows = []
+    for tau, s in tqdm(cells, desc="tau sweep", disable=not progress):
+        eraser = fits[s].eraser(tau=tau, **overrides)
+        density = eraser.mask_density()
+        rows.append(evaluator(eraser, s, tau=tau, mask_density=sum(density.values()) / len(density),
+                              **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}))  # fmt: skip
+    return rows
+
+
+def best_tau(
+    records: Iterable[Record], by: Sequence[str] = (), score: Callable[[Record], float] = margin
+) -> dict[tuple, float]:
+    """Per group of `by`, the tau whose mean `score` over seeds is highest (default: `margin`)."""
+    per: dict[tuple, dict[float, list[float]]] = {}
+    for r in records:
+        per.setdefault(tuple(r[k] for k in by), {}).setdefault(r["tau"], []).append(score(r))
+    return {key: max(taus, key=lambda t: sum(taus[t]) / len(taus[t])) for key, taus in per.items()}
+
+
+def _label(value: Any) -> str:
+    if isinstance(value, (tuple, list)):
+        return "+".join(map(str, value))
+    return str(value)
+
+
+def _fit_key(options: EraseOptions) -> EraseOptions:
+    """The options that need a model run: re-thresholding options reset, all blocks fitted."""
+    default = EraseOptions()
+    return replace(options, tau=default.tau, tau_mode=default.tau_mode, time_mask=default.time_mask,
+                   pair_combine=default.pair_combine, blocks=None)  # fmt: skip
+
+
+def _statistics_by_pairs(
+    model: Any, pairs: PromptPairs, options: EraseOptions, counts: Sequence[int], seed: int, progress: bool
+) -> dict[int, FitStatistics]:
+    """Statistics after the first n pairs, for every n in `counts`, from one streaming fit."""
+    if max(counts) > len(pairs) or min(counts) < 1:
+        raise ValueError(f"pair counts {list(counts)} must lie in [1, {len(pairs)}]")
+    fitter = EraserFitter(model, replace(options, seed=seed * PAIR_SEED_STRIDE), progress=progress)
+    out = {}
+    for n, (target, source) in enumerate(pairs, 1):
+        if n > max(counts):
+            break
+        fitter.update(target, source)
+        if n in counts:
+            subset = PromptPairs(pairs.concept, pairs.targets[:n], pairs.sources[:n], pairs.heldout, pairs.non_target, pairs.meta)
+            out[n] = replace(fitter.statistics, pairs=subset)
+    return out
+
+
+def choice_ablation(
+    evaluator: Evaluator,
+    pairs: PromptPairs,
+    choices: Mapping[str, Sequence[Any]],
+    *,
+    base: EraseOptions | None = None,
+    taus: Sequence[float] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    score: Callable[[Record], float] = margin,
+    progress: bool = True,
+) -> tuple[list[Record], list[Record]]:
+    """Each open choice of the method at its best tau.
+
+    `choices` maps an `EraseOptions` field (site_kind, granularity, time_mask, cfg_rows, blocks,
+    pair_combine, value_mode, ...) or `"num_pairs"` to the values to try, e.g.
+    `{"time_mask": ["union", "last"], "blocks": [None, ("down",), ("mid",), ("up",)], "num_pairs": [1, 2, 5, 10]}`.
+    Every value is fitted once per seed (fits are shared when only re-thresholding options differ;
+    the pair counts come from one streaming fit), swept over `taus`, and summarised at the tau with
+    the best mean `score`. Returns `(rows, best)`: every (choice, value, tau, seed) row, and one
+    summary row per (choice, value) with means, `_sem`/`_low`/`_high` over seeds and its `tau`."""
+    base = base or EraseOptions()
+    taus = list(taus) if taus is not None else tau_grid()
+    fits: dict[tuple, FitStatistics] = {}
+    rows: list[Record] = []
+    cells = [(name, value, s) for name, values in choices.items() for value in values for s in seeds]
+    for name, value, s in tqdm(cells, desc="choice ablation", disable=not progress):
+        if name == "num_pairs":
+            key = ("num_pairs", _fit_key(base), value, s)
+            if key not in fits:
+                counts = sorted({int(v) for v in choices["num_pairs"]})
+                for n, stats in _statistics_by_pairs(evaluator.model, pairs, _fit_key(base), counts, s, progress).items():
+                    fits[("num_pairs", _fit_key(base), n, s)] = stats
+            options = base
+        else:
+            options = replace(base, **{name: value})
+            key = (_fit_key(options), s)
+            if key not in fits:
+                fits[key] = fit_seeds(evaluator.model, pairs, _fit_key(options), [s], progress=progress)[s]
+        overrides = {k: getattr(options, k) for k in ("tau_mode", "time_mask", "pair_combine", "blocks", "granularity")}
+        for row in tau_sweep(fits[key], evaluator, taus, [s], progress=False, **overrides):
+            rows.append({"choice": name, "value": _label(value), **row})
+    best = []
+    for (name, value), tau in best_tau(rows, ("choice", "value"), score).items():
+        at = [r for r in rows if r["choice"] == name and r["value"] == value and r["tau"] == tau]
+        best.extend(summarize(at, ("choice", "value", "tau"), SUMMARY_FIELDS))
+    return rows, best
+
+
+def multi_concept_scaling(
+    statistics: Mapping[str, FitStatistics | Mapping[int, FitStatistics]],
+    concept_evaluators: Mapping[str, Evaluator],
+    preservation: Evaluator,
+    counts: Sequence[int] = (1, 2, 4, 8),
+    tau: float = 0.01,
+    seeds: Sequence[int] | None = None,
+    *,
+    progress: bool = True,
+) -> list[Record]:
+    """Merge the erasers of the first n concepts (in `statistics` order; Eqs. 7-9) for every n in
+    `counts` and replicate seed: one row per (n, seed) with the mean `concept_rate` (and
+    `concept_drop`) over the merged concepts, each scored by its own evaluator (target prompts
+    only is enough), and the `preservation` evaluator's fields on prompts that show none of the
+    concepts (see `evaluation.prompts_without`)."""
+    concepts = list(statistics)
+    if max(counts) > len(concepts) or min(counts) < 1:
+        raise ValueError(f"concept counts {list(counts)} must lie in [1, {len(concepts)}] (concepts: {concepts})")
+    missing = [c for c in concepts[: max(counts)] if c not in concept_evaluators]
+    if missing:
+        raise ValueError(f"no evaluator for concept(s) {missing}")
+    fits = {c: _by_seed(statistics[c], seeds) for c in concepts}
+    replicate = sorted(fits[concepts[0]])
+    uneven = [c for c in concepts if sorted(fits[c]) != replicate]
+    if uneven:
+        raise ValueError(f"concept(s) {uneven} were fitted on other seeds than {concepts[0]!r} ({replicate})")
+    rows = []
+    for n, s in tqdm([(n, s) for n in counts for s in replicate], desc="multi-concept", disable=not progress):
+        merged = merge([fits[c][s].eraser(tau=tau) for c in concepts[:n]])
+        per = [concept_evaluators[c](merged, s) for c in concepts[:n]]
+        row = preservation(merged, s, n_concepts=n, tau=tau, concepts=concepts[:n])
+        row["concept_rate"] = sum(r["concept_rate"] for r in per) / n
+        row["concept_drop"] = sum(r["concept_drop"] for r in per) / n
+        row["concept_rates"] = {c: r["concept_rate"] for c, r in zip(concepts, per)}
+        rows.append(row)
+    return rows

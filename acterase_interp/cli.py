@@ -1,0 +1,151 @@
+"""The `acterase` command: fit an eraser, generate with it, or run the ConceptWorld demo.
+
+    acterase fit --model conceptworld --pairs conceptworld_triangle --out runs/triangle
+    acterase generate --model conceptworld --prompt "a red triangle" --eraser runs/triangle --compare --out grid.png
+    acterase demo --concept triangle --out runs/demo
+
+Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import replace
+
+import torch
+
+from .erase.eraser import Eraser
+from .erase.fit import EraserFitter
+from .erase.options import CFG_ROWS, GRANULARITIES, PAIR_COMBINES, TAU_MODES, TIME_MASKS, VALUE_MODES, EraseOptions
+from .erase.pairs import PromptPairs
+from .generation import generate
+from .loading import load
+from .report import labelled_grid_png
+from .sites import SITE_KINDS
+
+USAGE_ERROR = 2
+_OPTION_FLAGS = (
+    "site_kind", "tau", "tau_mode", "granularity", "time_mask", "cfg_rows", "blocks", "pair_combine", "value_mode",
+)  # fmt: skip
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="conceptworld",
+                   help="'conceptworld', a local diffusers pipeline folder, or a hub id (default: conceptworld)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")  # fmt: skip
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acterase", description="Training-free concept erasure (ActErase).")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fit = sub.add_parser("fit", help="fit an eraser from prompt pairs and save it")
+    _add_model(fit)
+    fit.add_argument("--pairs", required=True, help="a name in data/prompts (e.g. nudity) or a JSON file")
+    fit.add_argument("--max-pairs", type=int, help="use only the first N pairs")
+    fit.add_argument("--tau", type=float, help="importance threshold (default: 0.01)")
+    fit.add_argument("--tau-mode", choices=TAU_MODES)
+    fit.add_argument("--site-kind", choices=SITE_KINDS, help="where to patch (default: ffn_hidden)")
+    fit.add_argument("--granularity", choices=GRANULARITIES)
+    fit.add_argument("--time-mask", choices=TIME_MASKS)
+    fit.add_argument("--cfg-rows", choices=CFG_ROWS)
+    fit.add_argument("--blocks", nargs="+", help="transformer blocks to patch, by name or prefix (down mid up.1)")
+    fit.add_argument("--pair-combine", choices=PAIR_COMBINES)
+    fit.add_argument("--value-mode", choices=VALUE_MODES)
+    fit.add_argument("--seed", type=int, default=0, help="seed of the first pair's noise (default: 0)")
+    fit.add_argument("--out", required=True, help="folder to write the eraser to")
+
+    gen = sub.add_parser("generate", help="generate a grid of images, optionally with an eraser")
+    _add_model(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
+    gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, one grid column each (default: 0)")
+    gen.add_argument("--eraser", help="an eraser folder written by `acterase fit`")
+    gen.add_argument("--compare", action="store_true", help="with --eraser: also show the images without it")
+    gen.add_argument("--out", required=True, help="PNG file to write")
+
+    demo = sub.add_parser("demo", help="erase a ConceptWorld concept and report how well it worked")
+    demo.add_argument("--concept", default="triangle", help="a ConceptWorld shape, color or background")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
+    demo.add_argument("--tau", type=float, help="importance threshold (default: EraseOptions' default)")
+    demo.add_argument("--n-pairs", type=int, default=10, help="prompt pairs to fit on (default: 10)")
+    demo.add_argument("--n-images", type=int, default=32, help="images per evaluation group (default: 32)")
+    demo.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    demo.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _options(args: argparse.Namespace) -> EraseOptions:
+    given = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
+    return EraseOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, **given)
+
+
+def _fit(args: argparse.Namespace) -> None:
+    options = _options(args)  # bad input fails before the model loads
+    pairs = PromptPairs.load(args.pairs)
+    if args.max_pairs is not None:
+        if args.max_pairs < 1:
+            raise ValueError(f"--max-pairs must be at least 1, got {args.max_pairs}")
+        pairs = replace(pairs, targets=pairs.targets[: args.max_pairs], sources=pairs.sources[: args.max_pairs])
+    model = load(args.model, device=args.device)
+    start = time.perf_counter()
+    eraser = EraserFitter(model, options).fit(pairs)
+    fit_s = time.perf_counter() - start
+    eraser.save(args.out)
+    for site, density in eraser.mask_density().items():
+        print(f"{site}\t{density:.4f}")
+    print(f"fitted {len(pairs)} pairs of {pairs.concept!r} in {fit_s:.1f} s; eraser written to {args.out}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.compare and not args.eraser:
+        raise ValueError("--compare needs --eraser")
+    eraser = Eraser.load(args.eraser) if args.eraser else None  # bad input fails before the model loads
+    model = load(args.model, device=args.device)
+    if eraser is not None:
+        eraser.check_model(model)
+        eraser = eraser.to(model.pipeline.device)
+    prompts = [p for p in args.prompt for _ in args.seeds]
+    seeds = [s for _ in args.prompt for s in args.seeds]
+
+    def run() -> torch.Tensor:
+        return generate(model, prompts, seeds=seeds, num_inference_steps=args.steps, guidance_scale=args.guidance)
+
+    rows, labels = [], []
+    if eraser is None or args.compare:
+        rows.append(run())
+        labels += [f"{p} (seed {s})" for p, s in zip(prompts, seeds)]
+    if eraser is not None:
+        with eraser.applied(model):
+            rows.append(run())
+        labels += [f"erased: {p} (seed {s})" for p, s in zip(prompts, seeds)]
+    images = torch.cat(rows)
+    path = labelled_grid_png(images, labels, args.out, rows=len(images) // len(args.seeds))
+    print(f"wrote {len(images)} images to {path}")
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo  # the demo pulls in the classifier and report code only when asked for
+
+    result = run_demo(concept=args.concept, out_dir=args.out, tau=args.tau, n_pairs=args.n_pairs,
+                      n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps)  # fmt: skip
+    print("all bars passed" if result["passed"] else "some bars failed")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        {"fit": _fit, "generate": _generate, "demo": _demo}[args.command](args)
+    except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
+        print(f"acterase {args.command}: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

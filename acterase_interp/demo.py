@@ -1,0 +1,313 @@
+"""The end-to-end demo on ConceptWorld: fit an eraser for one concept, generate the same seeds
+with and without it, read the images with the bundled classifier, and check the erasure bars.
+
+Three groups of fresh evaluation prompts, none of them used for fitting:
+
+- target: the concept in canonical templates with random other factors;
+- paraphrase: held-out paraphrases of the concept (synonyms in templates never seen in training);
+- non_target: other values of the concept's factor, with random other factors.
+
+`results.json` keys: `concept`, `factor`; `target_rate` and `paraphrase_rate` (`before`/`after`,
+each a `Rate` dict: value, n, ci_low, ci_high); `non_target_accuracy` (per factor and `all`:
+`before`, `after`, `ratio` = after/before or None); `non_target_distance` (same-seed mean absolute
+pixel difference: `mean`, `max`); `timing` (`fit_s`, `generate_s_per_image_unpatched`,
+`generate_s_per_image_patched`, `total_s`); `mask_density` (per site); `options`; `generation`
+(steps, guidance, images per group); `pairs`; `seeds` (`fit` and one list per group); `prompts`
+and `predictions` (per group); `model` (architecture, weights and classifier hashes); `versions`;
+`bars` (bar, value, threshold, passed), `passed` (all bars); `files`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from nnsight import DiffusionModel
+
+from .erase.fit import EraserFitter
+from .erase.options import EraseOptions
+from .generation import generate
+from .io import atomic_write_json
+from .loading import CONCEPTWORLD, architecture_hash, conceptworld_dir, load
+from .metrics import Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
+from .provenance import library_versions
+from .report import html_report, image_grid, labelled_grid_png
+from .world.captions import paraphrase
+from .world.classifier import ConceptClassifier
+from .world.factors import FACTORS, Scene, factor_of
+from .world.pairs import canonical_prompt, concept_scenes, concepts, conceptworld_pairs, other_value_scenes
+
+EVAL_SEED_OFFSET = 1000
+"""Evaluation image k uses seed `seed + EVAL_SEED_OFFSET + k`: disjoint from the fitting seeds."""
+GROUPS = ("target", "paraphrase", "non_target")
+TARGET_AFTER_MAX = 0.10
+TARGET_BEFORE_MIN = 0.90
+PARAPHRASE_AFTER_MAX = 0.20
+PRESERVATION_MIN = 0.90
+_GRID_TILES = 16  # images per group shown in the report
+
+
+@dataclass(frozen=True)
+class EvalGroup:
+    """One group of evaluation prompts with the scenes they ask for."""
+
+    name: str
+    """"target", "paraphrase" or "non_target"."""
+    prompts: tuple[str, ...]
+    """One prompt per image."""
+    scenes: tuple[Scene, ...]
+    """The scene each prompt describes."""
+
+
+def _cycle(items: list, n: int) -> list:
+    return list(itertools.islice(itertools.cycle(items), n))
+
+
+def evaluation_groups(concept: str, n_images: int, rng: np.random.Generator, exclude: Sequence[str]) -> list[EvalGroup]:
+    """`n_images` fresh prompts per group (see the module docstring); prompts in `exclude` (the
+    fitting prompts) are skipped, and a group with fewer distinct prompts repeats them (each image
+    has its own seed)."""
+    excluded = set(exclude)
+    scenes = concept_scenes(concept, rng)
+    targets = _cycle([st for st in scenes if canonical_prompt(*st) not in excluded], n_images)
+    paraphrased = _cycle(concept_scenes(concept, rng), n_images)
+    every_other = (len(FACTORS[factor_of(concept)]) - 1) * len(scenes)  # each value has as many scenes
+    others = _cycle([st for st in other_value_scenes(concept, every_other, rng)
+                     if canonical_prompt(*st) not in excluded], n_images)  # fmt: skip
+    return [
+        EvalGroup("target", tuple(canonical_prompt(s, t) for s, t in targets), tuple(s for s, _ in targets)),
+        EvalGroup("paraphrase", tuple(paraphrase(s, rng) for s, _ in paraphrased), tuple(s for s, _ in paraphrased)),
+        EvalGroup("non_target", tuple(canonical_prompt(s, t) for s, t in others), tuple(s for s, _ in others)),
+    ]
+
+
+def weights_hash(*modules: torch.nn.Module) -> str:
+    """A short sha256 of the modules' parameters and buffers: tells the trained ConceptWorld
+    model (and classifier) apart from any other with the same architecture."""
+    digest = hashlib.sha256()
+    for module in modules:
+        for name, tensor in module.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _ratio(before: Rate, after: Rate) -> float | None:
+    return after.value / before.value if before.value > 0 else None
+
+
+def _bar(name: str, value: float | None, threshold: str, passed: bool) -> dict:
+    return {"bar": name, "value": value, "threshold": threshold, "passed": passed}
+
+
+def check_bars(results: dict) -> list[dict]:
+    """The issue's bars: the concept is erased (from >= 90% to <= 10%), held-out paraphrases too
+    (<= 20%), and every factor's accuracy on non-target prompts keeps >= 90% of its value."""
+    t, p = results["target_rate"], results["paraphrase_rate"]
+    bars = [
+        _bar("target rate before", t["before"]["value"], f">= {TARGET_BEFORE_MIN:.0%}",
+             t["before"]["value"] >= TARGET_BEFORE_MIN),
+        _bar("target rate after", t["after"]["value"], f"<= {TARGET_AFTER_MAX:.0%}",
+             t["after"]["value"] <= TARGET_AFTER_MAX),
+        _bar("paraphrase rate after", p["after"]["value"], f"<= {PARAPHRASE_AFTER_MAX:.0%}",
+             p["after"]["value"] <= PARAPHRASE_AFTER_MAX),
+    ]  # fmt: skip
+    for factor in FACTORS:
+        ratio = results["non_target_accuracy"][factor]["ratio"]
+        bars.append(_bar(f"non-target {factor} accuracy after/before", ratio, f">= {PRESERVATION_MIN:.0%}",
+                         ratio is not None and ratio >= PRESERVATION_MIN))  # fmt: skip
+    return bars
+
+
+def _table(results: dict) -> list[dict]:
+    """One row per measurement, as printed and as shown in the report."""
+
+    def pct(rate: dict) -> str:
+        return f"{100 * rate['value']:.1f}% [{100 * rate['ci_low']:.0f}-{100 * rate['ci_high']:.0f}]"
+
+    rows = [
+        {"measure": f"target rate ({results['concept']})", "before": pct(results["target_rate"]["before"]),
+         "after": pct(results["target_rate"]["after"]), "after/before": ""},
+        {"measure": "held-out paraphrase rate", "before": pct(results["paraphrase_rate"]["before"]),
+         "after": pct(results["paraphrase_rate"]["after"]), "after/before": ""},
+    ]  # fmt: skip
+    for factor, acc in results["non_target_accuracy"].items():
+        ratio = "n/a" if acc["ratio"] is None else f"{acc['ratio']:.3f}"
+        rows.append({"measure": f"non-target {factor} accuracy", "before": pct(acc["before"]),
+                     "after": pct(acc["after"]), "after/before": ratio})  # fmt: skip
+    d, tm = results["non_target_distance"], results["timing"]
+    rows += [
+        {"measure": "non-target same-seed distance (mean abs. pixel)", "before": "", "after": f"{d['mean']:.4f}",
+         "after/before": ""},
+        {"measure": "fit time (s)", "before": "", "after": f"{tm['fit_s']:.1f}", "after/before": ""},
+        {"measure": "generation time per image (s)", "before": f"{tm['generate_s_per_image_unpatched']:.3f}",
+         "after": f"{tm['generate_s_per_image_patched']:.3f}",
+         "after/before": f"{tm['generate_s_per_image_patched'] / tm['generate_s_per_image_unpatched']:.2f}"},
+    ]  # fmt: skip
+    return rows
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def _print_table(rows: list[dict], bars: list[dict]) -> None:
+    cols = ("measure", "before", "after", "after/before")
+    widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
+    for row in [dict(zip(cols, cols))] + rows:
+        print("  ".join(str(row[c]).ljust(w) for c, w in zip(cols, widths)))
+    for bar in bars:
+        print(f"{'PASS' if bar['passed'] else 'FAIL'}  {bar['bar']}: {_fmt(bar['value'])} (needs {bar['threshold']})")
+
+
+def _labels(preds: dict[str, list[str]], factor: str, tag: str) -> list[str]:
+    return [f"{tag}: {v}" for v in preds[factor]]
+
+
+def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dict, preds: dict) -> Path:
+    factor = results["factor"]
+    sections: list = [
+        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase: the same seeds "
+                    "without and with the eraser; tiles are labelled with the classifier's reading of the "
+                    f"{factor}.\n\n" + "\n".join(
+                        f"- {'PASS' if b['passed'] else 'FAIL'}: {b['bar']} = {_fmt(b['value'])} "
+                        f"(needs {b['threshold']})"
+                        for b in results["bars"])),
+        ("Results", _table(results)),
+    ]  # fmt: skip
+    for group in groups:
+        k = min(_GRID_TILES, len(group.prompts))
+        for when in ("before", "after"):
+            fig = image_grid(images[group.name][when][:k], _labels(preds[group.name][when], factor, when)[:k])
+            sections.append((f"{group.name} prompts, {when}", fig))
+        both = torch.cat([images[group.name]["before"][:k], images[group.name]["after"][:k]])
+        labels = _labels(preds[group.name]["before"], factor, "before")[:k]
+        labels += _labels(preds[group.name]["after"], factor, "after")[:k]
+        labelled_grid_png(both, labels, out / f"{group.name}.png", rows=2)
+    sections.append(("Prompts", [{"group": g.name, "seed": s, "prompt": p}
+                                 for g in groups for s, p in zip(results["seeds"][g.name], g.prompts)]))  # fmt: skip
+    return html_report(out / "report.html", f"ActErase demo: {results['concept']}", sections)
+
+
+def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) -> dict:
+    """Concept rates of the target and paraphrase groups, per-factor accuracy on the non-target
+    group (with after/before ratios) and the same-seed distance of the non-target images;
+    `images` and `preds` map group -> "before"/"after" -> images / classifier predictions."""
+    rate = {g: {w: concept_rate_from_predictions(preds[g][w], concept).to_dict() for w in ("before", "after")}
+            for g in ("target", "paraphrase")}  # fmt: skip
+    scenes = next(g.scenes for g in groups if g.name == "non_target")
+    acc = {w: factor_accuracy_from_predictions(preds["non_target"][w], scenes) for w in ("before", "after")}
+    dist = image_distance(images["non_target"]["before"], images["non_target"]["after"])
+    return {
+        "target_rate": rate["target"],
+        "paraphrase_rate": rate["paraphrase"],
+        "non_target_accuracy": {
+            f: {"before": acc["before"][f].to_dict(), "after": acc["after"][f].to_dict(),
+                "ratio": _ratio(acc["before"][f], acc["after"][f])}
+            for f in (*FACTORS, "all")
+        },  # fmt: skip
+        "non_target_distance": {"metric": "mae", "mean": float(dist.mean()), "max": float(dist.max())},
+    }
+
+
+def run_demo(
+    concept: str = "triangle",
+    out_dir: str | Path = "runs/demo",
+    tau: float | None = None,
+    n_pairs: int = 10,
+    n_images: int = 32,
+    seed: int = 0,
+    num_inference_steps: int | None = None,
+    model: DiffusionModel | None = None,
+    classifier: ConceptClassifier | None = None,
+    progress: bool = True,
+) -> dict:
+    """Erase a ConceptWorld `concept` and measure the result; returns the results dict, also
+    written to `out_dir/results.json` with an HTML report (`report.html`), before/after PNG grids
+    per group and the fitted eraser (`eraser/`). `tau` None keeps `EraseOptions`' default;
+    `num_inference_steps` None the model's. `n_images` is per group, so the run generates
+    `6 * n_images` images (about 3 minutes on 2 CPU cores with the defaults)."""
+    if concept not in concepts():
+        raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
+    if n_images < 1 or n_pairs < 1:
+        raise ValueError(f"n_images and n_pairs must be at least 1, got {n_images} and {n_pairs}")
+    start = time.perf_counter()
+    out = Path(out_dir)
+    model = model if model is not None else load(CONCEPTWORLD)
+    classifier = classifier if classifier is not None else ConceptClassifier.load(conceptworld_dir() / "classifier")
+    steps = num_inference_steps or model.defaults.num_inference_steps
+    guidance = model.defaults.guidance_scale
+    options = EraseOptions(num_inference_steps=steps, guidance_scale=guidance, seed=seed,
+                           **({} if tau is None else {"tau": tau}))  # fmt: skip
+    pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed)
+
+    eraser, fit_s = _timed(lambda: EraserFitter(model, options, progress=progress).fit(pairs))
+    eraser.save(out / "eraser")
+
+    groups = evaluation_groups(concept, n_images, np.random.default_rng(seed + 1), pairs.targets + pairs.sources)
+    prompts = [p for g in groups for p in g.prompts]
+    seeds = [seed + EVAL_SEED_OFFSET + k for k in range(len(prompts))]
+
+    def run() -> torch.Tensor:
+        return generate(model, prompts, seeds=seeds, num_inference_steps=steps, guidance_scale=guidance,
+                        progress=progress)  # fmt: skip
+
+    generate(model, prompts[:1], seeds=seeds[:1], num_inference_steps=steps, progress=False)  # warm-up: fair timings
+    before, gen_before_s = _timed(run)
+    with eraser.applied(model):
+        after, gen_after_s = _timed(run)
+
+    images, preds, seeds_by_group = {}, {}, {}
+    for i, group in enumerate(groups):
+        rows = slice(i * n_images, (i + 1) * n_images)
+        images[group.name] = {"before": before[rows], "after": after[rows]}
+        preds[group.name] = {w: classifier.predict(x) for w, x in images[group.name].items()}
+        seeds_by_group[group.name] = seeds[rows]
+
+    results = {
+        "concept": concept,
+        "factor": factor_of(concept),
+        **measure(concept, groups, images, preds),
+        "timing": {
+            "fit_s": fit_s,
+            "generate_s_per_image_unpatched": gen_before_s / len(prompts),
+            "generate_s_per_image_patched": gen_after_s / len(prompts),
+        },
+        "mask_density": eraser.mask_density(),
+        "options": options.to_dict(),
+        "generation": {"num_inference_steps": steps, "guidance_scale": guidance, "n_images_per_group": n_images},
+        "pairs": {"concept": pairs.concept, "targets": list(pairs.targets), "sources": list(pairs.sources),
+                  "seed": seed},
+        "seeds": {"fit": seed, **seeds_by_group},
+        "prompts": {g.name: list(g.prompts) for g in groups},
+        "predictions": {g: {w: {f: list(v) for f, v in p.items()} for w, p in preds[g].items()} for g in preds},
+        "model": {
+            "name": CONCEPTWORLD,
+            "architecture_hash": architecture_hash(model.pipeline),
+            "weights_hash": weights_hash(model.pipeline.unet, model.pipeline.text_encoder, model.pipeline.vae),
+            "classifier_hash": weights_hash(classifier),
+        },
+        "versions": library_versions(),
+    }
+    results["bars"] = check_bars(results)
+    results["passed"] = all(b["passed"] for b in results["bars"])
+    report = _write_report(out, results, groups, images, preds)
+    results["timing"]["total_s"] = time.perf_counter() - start
+    results["files"] = {"results": str(out / "results.json"), "report": str(report), "eraser": str(out / "eraser"),
+                        "grids": [str(out / f"{g}.png") for g in GROUPS]}  # fmt: skip
+    atomic_write_json(results, out / "results.json")
+    _print_table(_table(results), results["bars"])
+    print(f"total {results['timing']['total_s']:.1f} s; report: {report}")
+    return results

@@ -1,0 +1,314 @@
+"""The fitted eraser: per-site masks and replacement values, applied as x <- M * x_avg + (1 - M) * x
+(Eq. 6) at every denoising step, either by torch hooks (`applied`, an on/off switch for any
+pipeline call) or inside a user's nnsight trace (`apply`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..io import atomic_save_safetensors, atomic_write_json
+from ..loading import architecture_hash
+from ..provenance import library_versions
+from ..sites import UNET_OUT, Site
+from ._util import (
+    envoy_at,
+    from_tokens,
+    site_from_dict,
+    site_table,
+    site_to_dict,
+    timestep_value,
+    to_tokens,
+    unet_of,
+    write_artifact_dir,
+)
+
+if TYPE_CHECKING:
+    from .statistics import FitStatistics
+
+FORMAT = "acterase-eraser/1"
+MANIFEST = "eraser.json"
+MASKS = "masks.safetensors"
+VALUES = "values.safetensors"
+STATISTICS = "statistics"
+
+
+def _mask3(mask: torch.Tensor) -> torch.Tensor:
+    """A mask as (steps or 1, tokens or 1, units): (units,) and (tokens, units) gain leading axes."""
+    return mask.reshape((1,) * (3 - mask.ndim) + tuple(mask.shape)) if mask.ndim < 3 else mask
+
+
+def _value3(value: torch.Tensor) -> torch.Tensor:
+    """A value as (steps or 1, tokens, units): (tokens, units) gains a leading axis."""
+    return value.unsqueeze(0) if value.ndim == 2 else value
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: equality is identity
+class Eraser:
+    """ActErase masks and replacement values for some UNet sites.
+
+    Tensors are canonical 3-D, an axis of length 1 meaning "the same for every step / token":
+    a mask is bool (1, 1, units) per unit, (1, tokens, units) per (token, unit), and (steps, ...)
+    per step; a value is (1, tokens, units), or (steps, tokens, units) per step. Per-step tensors
+    need the step index: `apply` takes it, `applied` counts UNet calls."""
+
+    sites: tuple[Site, ...]
+    """The patched sites, in execution order."""
+    masks: dict[str, torch.Tensor] = field(repr=False)
+    """Site name -> bool mask M (True: replace the activation with the value)."""
+    values: dict[str, torch.Tensor] = field(repr=False)
+    """Site name -> replacement value x_avg (the mean source activation)."""
+    manifest: dict[str, Any] = field(repr=False)
+    """JSON provenance: architecture_hash (required), options, pairs, seeds, steps, timesteps,
+    scheduler, library versions (merged erasers: `merged_from`, one manifest per part)."""
+    statistics: FitStatistics | None = field(default=None, repr=False)
+    """The fit's statistics, if kept: `statistics.eraser(tau=...)` re-thresholds without the model."""
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sites]
+        extra = sorted((set(self.masks) | set(self.values)) - set(names))
+        if extra:
+            raise ValueError(f"masks or values given for sites {extra} that are not among the eraser's sites")
+        object.__setattr__(self, "masks", {n: _mask3(self.masks[n]) for n in names if n in self.masks})
+        object.__setattr__(self, "values", {n: _value3(self.values[n]) for n in names if n in self.values})
+        if "architecture_hash" not in self.manifest:
+            raise ValueError("an eraser's manifest needs the architecture_hash of its model")
+        steps = {t.shape[0] for d in (self.masks, self.values) for t in d.values()} - {1}
+        if len(steps) > 1:
+            raise ValueError(f"per-step tensors disagree on the number of steps: {sorted(steps)}")
+        for n in names:
+            self._check_site(n)
+        timesteps = self.manifest.get("timesteps")
+        if steps and timesteps and len(timesteps) != next(iter(steps)):
+            n = next(iter(steps))
+            raise ValueError(f"per-step tensors have {n} steps but the manifest lists {len(timesteps)} timesteps")
+
+    def _check_site(self, name: str) -> None:
+        if name not in self.masks or name not in self.values:
+            raise ValueError(f"site {name!r} needs both a mask and a value")
+        mask, value = self.masks[name], self.values[name]
+        if mask.dtype != torch.bool:
+            raise TypeError(f"the mask of {name!r} must be bool, got {mask.dtype}")
+        if mask.ndim != 3 or value.ndim != 3:
+            raise ValueError(f"site {name!r}: mask {tuple(mask.shape)} or value {tuple(value.shape)} is not 3-D")
+        if mask.shape[2] != value.shape[2] or mask.shape[1] not in (1, value.shape[1]):
+            raise ValueError(f"site {name!r}: mask {tuple(mask.shape)} does not fit value {tuple(value.shape)}")
+
+    def __repr__(self) -> str:
+        concept = self.manifest.get("pairs", {}).get("concept", "custom")
+        density = sum(self.mask_density().values()) / max(1, len(self.sites))
+        steps = self.num_steps
+        return f"Eraser(concept={concept!r}, sites={len(self.sites)}, steps={steps}, mean mask density={density:.4f})"
+
+    # -- properties -------------------------------------------------------------
+
+    @property
+    def num_steps(self) -> int | None:
+        """Length of the steps axis of per-step masks or values; None if nothing is per step."""
+        steps = {t.shape[0] for d in (self.masks, self.values) for t in d.values()} - {1}
+        return next(iter(steps), None)
+
+    def mask_density(self) -> dict[str, float]:
+        """Per site, the share of mask entries that are on (over all its axes)."""
+        return {s.name: self.masks[s.name].float().mean().item() for s in self.sites}
+
+    # -- patching ---------------------------------------------------------------
+
+    def __call__(self, site_name: str, x: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Eq. 6 on one site's activation x (all batch rows, both CFG halves): M * x_avg + (1 - M) * x.
+        `step` (the denoising step index) is needed only by per-step erasers."""
+        if site_name not in self.masks:
+            raise KeyError(f"this eraser has no site {site_name!r}; it patches {[s.name for s in self.sites]}")
+        mask = self._at(self.masks[site_name], step, site_name)
+        value = self._at(self.values[site_name], step, site_name)
+        tokens = to_tokens(x)
+        if tokens.shape[1:] != value.shape:
+            size = f"{self.manifest.get('height')}x{self.manifest.get('width')} px"
+            raise ValueError(
+                f"site {site_name!r}: the activation has (tokens, units) {tuple(tokens.shape[1:])}, the eraser "
+                f"{tuple(value.shape)}: generate at the fitted size ({size})"
+            )
+        out = torch.where(mask.to(x.device), value.to(device=x.device, dtype=x.dtype), tokens)
+        return from_tokens(out, x.shape)
+
+    def _at(self, tensor: torch.Tensor, step: int | None, name: str) -> torch.Tensor:
+        if tensor.shape[0] == 1:
+            return tensor[0]
+        if step is None:
+            raise ValueError(f"site {name!r} has per-step masks or values: pass the step index")
+        if not 0 <= step < tensor.shape[0]:
+            raise IndexError(f"step {step} is outside the {tensor.shape[0]} fitted steps of site {name!r}")
+        return tensor[step]
+
+    @contextmanager
+    def applied(self, model: Any) -> Iterator[Eraser]:
+        """Switch the eraser on for `model` (an acterase model or a diffusers pipeline) inside the
+        `with` block, via torch hooks on its UNet: every pipeline call is patched (nnsight traces
+        too). The hooks are removed on exit, even on an exception, leaving the model as it was.
+
+        Per-step erasers count UNet calls (a pre-hook on the UNet): the i-th call inside the block
+        is step i mod num_steps, checked against the fitted timesteps where the manifest has them,
+        so generate with the fitted scheduler and step count."""
+        self.check_model(model)
+        unet = unet_of(model)
+        live = self.to(unet.device)  # one copy now rather than one per call
+        state = {"calls": 0, "step": None}
+        handles = []
+        try:
+            if self.num_steps is not None:
+                handles.append(unet.register_forward_pre_hook(live._step_counter(state), with_kwargs=True))
+            for site in self.sites:
+                module = unet.get_submodule(site.module_path) if site.module_path else unet
+                if site.io == "input":
+                    handles.append(module.register_forward_pre_hook(live._input_hook(site.name, state)))
+                else:
+                    handles.append(module.register_forward_hook(live._output_hook(site.name, state)))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _step_counter(self, state: dict) -> Any:
+        timesteps = self.manifest.get("timesteps")
+
+        def count(module: Any, args: tuple, kwargs: dict) -> None:
+            step = state["calls"] % self.num_steps
+            state["calls"] += 1
+            state["step"] = step
+            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+            if timesteps and timestep is not None and timestep_value(timestep) != timesteps[step]:
+                raise RuntimeError(
+                    f"UNet call {state['calls'] - 1} is at timestep {timestep_value(timestep)}, but this per-step "
+                    f"eraser was fitted for {timesteps[step]} at step {step}: generate with the fitted scheduler and "
+                    f"{self.num_steps} denoising steps, one generation at a time"
+                )
+
+        return count
+
+    def _input_hook(self, name: str, state: dict) -> Any:
+        def hook(module: Any, args: tuple) -> tuple:
+            return (self(name, args[0], state["step"]), *args[1:])
+
+        return hook
+
+    def _output_hook(self, name: str, state: dict) -> Any:
+        def hook(module: Any, args: tuple, output: Any) -> Any:
+            if isinstance(output, torch.Tensor):
+                return self(name, output, state["step"])
+            if isinstance(output, tuple):  # the UNet called with return_dict=False
+                return (self(name, output[0], state["step"]), *output[1:])
+            return type(output)(sample=self(name, output.sample, state["step"]))
+
+        return hook
+
+    def apply(self, model: Any, step: int | None = None) -> None:
+        """Patch every site inside a running nnsight trace, at one denoising step:
+
+            with model.generate(prompts, num_inference_steps=n, ...) as tracer:
+                for step in tracer.iter[:n]:
+                    eraser.apply(model, step)
+
+        Sites are visited in execution order, each by whole-tensor assignment."""
+        for site in self.sites:
+            envoy = envoy_at(model.unet, site.module_path)
+            if site.kind == UNET_OUT:
+                output = envoy.output
+                envoy.output = (self(site.name, output[0], step), *output[1:])
+            elif site.io == "output":
+                envoy.output = self(site.name, envoy.output, step)
+            else:
+                envoy.input = self(site.name, envoy.input, step)
+
+    # -- model checks, devices --------------------------------------------------
+
+    def check_model(self, model: Any) -> None:
+        """Clear error unless `model` has the fitted architecture and every site of the eraser."""
+        got = architecture_hash(getattr(model, "pipeline", model))
+        want = self.manifest["architecture_hash"]
+        if got != want:
+            raise ValueError(
+                f"this eraser was fitted on a model with architecture hash {want}, but this model's is {got}: "
+                "an eraser only applies to the architecture it was fitted on"
+            )
+        known = {s.name: s.module_path for s in site_table(unet_of(model))}
+        for s in self.sites:
+            if known.get(s.name) != s.module_path:
+                raise ValueError(f"site {s.name!r} ({s.module_path}) does not exist in this model's UNet")
+
+    def to(self, device: str | torch.device) -> Eraser:
+        """A copy with masks and values on `device` (statistics stay on the CPU)."""
+        return replace(
+            self,
+            masks={k: v.to(device) for k, v in self.masks.items()},
+            values={k: v.to(device) for k, v in self.values.items()},
+        )
+
+    # -- artifacts ----------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, statistics: bool = True) -> None:
+        """Write the eraser to a folder, atomically: masks and values as safetensors, the
+        manifest (with sites and library versions) as JSON, and the fit statistics if kept and
+        `statistics` is True (so a loaded eraser can still be re-thresholded)."""
+
+        def write(folder: Path) -> None:
+            atomic_save_safetensors(self.masks, folder / MASKS)
+            atomic_save_safetensors(self.values, folder / VALUES)
+            if statistics and self.statistics is not None:
+                (folder / STATISTICS).mkdir()
+                self.statistics.write_to(folder / STATISTICS)
+            manifest = {"format": FORMAT, **self.manifest, "sites": [site_to_dict(s) for s in self.sites]}
+            manifest.setdefault("versions", library_versions())
+            atomic_write_json(manifest, folder / MANIFEST)
+
+        write_artifact_dir(path, MANIFEST, write)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, model: Any = None) -> Eraser:
+        """An eraser written by `save`. With `model`, checks that it has the fitted architecture
+        and sites, and moves the tensors to its device."""
+        from .statistics import FitStatistics
+
+        folder = Path(path).expanduser()
+        if not (folder / MANIFEST).is_file():
+            raise FileNotFoundError(f"no eraser in {folder} (expected {MANIFEST})")
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest.pop("format", None) != FORMAT:
+            raise ValueError(f"{folder / MANIFEST} is not an {FORMAT} manifest")
+        sites = tuple(site_from_dict(s) for s in manifest.pop("sites"))
+        stats = FitStatistics.load(folder / STATISTICS) if (folder / STATISTICS).is_dir() else None
+        eraser = cls(sites, load_file(folder / MASKS), load_file(folder / VALUES), manifest, stats)
+        if model is not None:
+            eraser.check_model(model)
+            eraser = eraser.to(unet_of(model).device)
+        return eraser
+
+    @classmethod
+    def from_tensors(
+        cls, model: Any, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor], **manifest: Any
+    ) -> Eraser:
+        """An eraser from hand-made masks and values (activation-patching experiments): masks bool
+        (units,), (tokens, units) or (steps, tokens, units); values (tokens, units) or
+        (steps, tokens, units); `manifest` adds provenance (e.g. timesteps for per-step tensors)."""
+        table = site_table(unet_of(model))
+        unknown = sorted(set(masks) - {s.name for s in table})
+        if unknown:
+            raise KeyError(f"unknown site(s) {unknown}; this UNet has {[s.name for s in table]}")
+        sites = []
+        for s in table:
+            if s.name in masks:
+                tokens, units = values[s.name].shape[-2:]
+                side = math.isqrt(tokens)
+                shape = (units, side, side) if s.kind == UNET_OUT else (tokens, units)
+                sites.append(replace(s, shape=shape))
+        fitted = architecture_hash(getattr(model, "pipeline", model))
+        head = {"architecture_hash": fitted, "versions": library_versions()}
+        return cls(tuple(sites), masks, values, {**head, **manifest})

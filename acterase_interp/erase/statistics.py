@@ -1,0 +1,249 @@
+"""What a fit collects, kept so that a new threshold, time or pair rule gives a new eraser without
+running the model again: per site, the importance of every unit at every (pair, step) for the
+source and the target prompt, the mean source activations, and per-pair mean activations."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load_file
+
+from ..io import atomic_save_safetensors, atomic_write_json
+from ..sites import Site, select_sites
+from ._util import site_from_dict, site_to_dict, write_artifact_dir
+from .options import EraseOptions
+from .pairs import PromptPairs
+
+if TYPE_CHECKING:
+    from .eraser import Eraser
+
+FORMAT = "acterase-statistics/1"
+MANIFEST = "statistics.json"
+TENSORS = "statistics.safetensors"
+# Options a stored fit can change without running the model again.
+RETHRESHOLD_OPTIONS = ("tau", "tau_mode", "time_mask", "pair_combine", "blocks", "granularity")
+_TENSOR_FIELDS = (
+    "importance_source",
+    "importance_target",
+    "token_importance_source",
+    "token_importance_target",
+    "values",
+    "mean_source",
+    "mean_target",
+)
+
+
+def passes_threshold(scores: torch.Tensor, tau: float, tau_mode: str) -> torch.Tensor:
+    """Which entries of `scores` (pair, step, *layer) pass the importance threshold, judged
+    separately for every (pair, step) over the whole layer (its units, or its (token, unit) entries).
+
+    `fraction`: the ceil(tau * n) largest of the layer's n entries pass (ties at the cut pass too).
+    `absolute`: an entry passes when score / (the layer's largest score) >= tau."""
+    flat = scores.flatten(2)
+    if tau_mode == "fraction":
+        k = max(1, math.ceil(tau * flat.shape[-1] - 1e-9))  # the epsilon keeps 0.3 * 10 at 3
+        cut = flat.topk(k, dim=-1).values[..., -1:]
+        return (flat >= cut).view_as(scores)
+    top = flat.amax(dim=-1, keepdim=True)
+    normalised = torch.where(top > 0, flat / top.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
+    return (normalised >= tau).view_as(scores)
+
+
+def _combine(masks: torch.Tensor, rule: str, dim: int) -> torch.Tensor:
+    """Combine boolean masks along `dim` by a rule: union, intersection, strict majority, last."""
+    if rule == "union":
+        return masks.any(dim)
+    if rule == "intersection":
+        return masks.all(dim)
+    if rule == "majority":
+        return masks.sum(dim) * 2 > masks.shape[dim]
+    if rule == "last":
+        return masks.select(dim, -1)
+    raise ValueError(f"unknown combination rule {rule!r}")
+
+
+def importance_mask(source: torch.Tensor, target: torch.Tensor, options: EraseOptions) -> torch.Tensor:
+    """Eq. 5 per (pair, step), M = (I_s passes the threshold) AND (I_s < I_t), then combined over
+    steps (per pair) and then over pairs. `source`/`target`: (pair, step, unit) or
+    (pair, step, token, unit). Returns a bool mask (steps or 1, tokens or 1, units)."""
+    masks = passes_threshold(source, options.tau, options.tau_mode) & (source < target)
+    if options.time_mask != "per_step":
+        masks = _combine(masks, options.time_mask, dim=1).unsqueeze(1)
+    mask = _combine(masks, options.pair_combine, dim=0)
+    return mask if mask.ndim == 3 else mask.unsqueeze(1)
+
+
+@dataclass(frozen=True, eq=False)  # tensors have no single truth value: equality is identity
+class FitStatistics:
+    """Everything a fit measured, enough to build erasers for any threshold, time rule, pair rule,
+    granularity (token_unit -> unit) and subset of the fitted blocks. Tensor fields map a site name
+    to a float32 CPU tensor."""
+
+    sites: tuple[Site, ...]
+    """The fitted sites, in execution order, with their measured per-image shapes."""
+    options: EraseOptions
+    """The options of the fit."""
+    pairs: PromptPairs
+    """The prompt pairs, in fitting order."""
+    seeds: tuple[int, ...]
+    """The initial-noise seed of every pair."""
+    importance_source: dict[str, torch.Tensor]
+    """(pair, step, unit) importance I = |x_s| * reader column norm, mean over tokens (and rows)."""
+    importance_target: dict[str, torch.Tensor]
+    """(pair, step, unit) importance of the target activations on the same latents."""
+    token_importance_source: dict[str, torch.Tensor]
+    """(pair, step, token, unit) importance; empty unless the fit's granularity is `token_unit`."""
+    token_importance_target: dict[str, torch.Tensor]
+    """(pair, step, token, unit) target importance; empty unless `token_unit`."""
+    values: dict[str, torch.Tensor]
+    """Replacement values x_avg: mean source activation, (1, token, unit) over steps and pairs, or
+    (step, token, unit) over pairs with `value_mode="per_step"`."""
+    mean_source: dict[str, torch.Tensor]
+    """(pair, unit) mean source activation over steps, tokens and rows."""
+    mean_target: dict[str, torch.Tensor]
+    """(pair, unit) mean target activation over steps, tokens and rows."""
+    architecture_hash: str
+    """`loading.architecture_hash` of the fitted pipeline."""
+    num_inference_steps: int
+    """Denoising steps of the collection runs."""
+    guidance_scale: float
+    """Guidance scale of the collection runs."""
+    height: int
+    """Image height of the collection runs, in pixels."""
+    width: int
+    """Image width of the collection runs, in pixels."""
+    timesteps: tuple[float, ...]
+    """The scheduler's timestep at each UNet call ("step") of a collection run."""
+    scheduler: str
+    """Class name of the scheduler."""
+    versions: dict[str, str]
+    """Library versions of the fit."""
+
+    def __repr__(self) -> str:
+        return (
+            f"FitStatistics(concept={self.pairs.concept!r}, pairs={self.num_pairs}, steps={self.num_steps}, "
+            f"sites={len(self.sites)}, site_kind={self.options.site_kind!r}, granularity={self.options.granularity!r})"
+        )
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.seeds)
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    def eraser(
+        self,
+        tau: float | None = None,
+        *,
+        tau_mode: str | None = None,
+        time_mask: str | None = None,
+        pair_combine: str | None = None,
+        blocks: tuple[str, ...] | list[str] | None = None,
+        granularity: str | None = None,
+    ) -> Eraser:
+        """An eraser from the stored scores, without running the model; arguments left None keep
+        the fit's options (`blocks` must name fitted blocks)."""
+        from .eraser import Eraser
+
+        changes = dict(tau=tau, tau_mode=tau_mode, time_mask=time_mask, pair_combine=pair_combine, blocks=blocks)
+        changes["granularity"] = granularity
+        options = replace(self.options, **{k: v for k, v in changes.items() if v is not None})
+        if options.granularity == "token_unit" and not self.token_importance_source:
+            raise ValueError("granularity='token_unit' needs a fit with granularity='token_unit'; this one is per unit")
+        sites = self._sites_in(options.blocks)
+        token = options.granularity == "token_unit"
+        source = self.token_importance_source if token else self.importance_source
+        target = self.token_importance_target if token else self.importance_target
+        masks = {s.name: importance_mask(source[s.name], target[s.name], options) for s in sites}
+        values = {s.name: self.values[s.name] for s in sites}
+        return Eraser(sites=tuple(sites), masks=masks, values=values, manifest=self.manifest(options), statistics=self)
+
+    def _sites_in(self, blocks: tuple[str, ...] | None) -> tuple[Site, ...]:
+        if blocks is None:
+            return self.sites
+        try:
+            return tuple(select_sites(list(self.sites), self.options.site_kind, blocks))
+        except ValueError as err:
+            fitted = sorted({s.block for s in self.sites})
+            raise ValueError(f"blocks {list(blocks)} are not all among the fitted blocks {fitted}") from err
+
+    def manifest(self, options: EraseOptions | None = None) -> dict[str, Any]:
+        """The provenance an eraser built from these statistics carries."""
+        return {
+            "architecture_hash": self.architecture_hash,
+            "options": (options or self.options).to_dict(),
+            "pairs": self.pairs.to_dict(),
+            "seeds": list(self.seeds),
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "timesteps": list(self.timesteps),
+            "scheduler": self.scheduler,
+            "versions": dict(self.versions),
+        }
+
+    def difference(self) -> dict[str, torch.Tensor]:
+        """Per site, a (step,) profile of how much the target's importance departs from the
+        source's: mean over pairs and units of |I_t - I_s|, divided by the mean of I_s (a relative,
+        scale-free change that can be compared across layers and steps)."""
+        out = {}
+        for s in self.sites:
+            source, target = self.importance_source[s.name], self.importance_target[s.name]
+            scale = source.mean(dim=(0, 2)).clamp_min(torch.finfo(source.dtype).tiny)
+            out[s.name] = (target - source).abs().mean(dim=(0, 2)) / scale
+        return out
+
+    def difference_vectors(self) -> dict[str, torch.Tensor]:
+        """Per site, the (pair, unit) difference of mean activations, target minus source (means
+        over steps, tokens and rows): one concept direction per pair, for SVD or probes."""
+        return {s.name: self.mean_target[s.name] - self.mean_source[s.name] for s in self.sites}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a folder (safetensors + JSON), atomically."""
+        write_artifact_dir(path, MANIFEST, self.write_to)
+
+    def write_to(self, folder: Path) -> None:
+        """Write the files into an existing folder (the atomic wrapper is the caller's)."""
+        tensors = {f"{name}/{site}": t for name in _TENSOR_FIELDS for site, t in getattr(self, name).items()}
+        atomic_save_safetensors(tensors, folder / TENSORS)
+        meta = self.manifest()
+        meta.update(format=FORMAT, sites=[site_to_dict(s) for s in self.sites])
+        atomic_write_json(meta, folder / MANIFEST)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FitStatistics:
+        """Statistics written by `save`."""
+        folder = Path(path).expanduser()
+        if not (folder / MANIFEST).is_file() or not (folder / TENSORS).is_file():
+            raise FileNotFoundError(f"no fit statistics in {folder} (expected {MANIFEST} and {TENSORS})")
+        meta = json.loads((folder / MANIFEST).read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"{folder} holds format {meta.get('format')!r}, expected {FORMAT!r}")
+        fields: dict[str, dict[str, torch.Tensor]] = {name: {} for name in _TENSOR_FIELDS}
+        for key, tensor in load_file(folder / TENSORS).items():
+            name, site = key.split("/", 1)
+            fields[name][site] = tensor
+        return cls(
+            sites=tuple(site_from_dict(s) for s in meta["sites"]),
+            options=EraseOptions.from_dict(meta["options"]),
+            pairs=PromptPairs.from_dict(meta["pairs"]),
+            seeds=tuple(meta["seeds"]),
+            architecture_hash=meta["architecture_hash"],
+            num_inference_steps=meta["num_inference_steps"],
+            guidance_scale=meta["guidance_scale"],
+            height=meta["height"],
+            width=meta["width"],
+            timesteps=tuple(meta["timesteps"]),
+            scheduler=meta["scheduler"],
+            versions=meta["versions"],
+            **fields,
+        )

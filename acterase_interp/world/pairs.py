@@ -1,0 +1,100 @@
+"""Prompt pairs for erasing a ConceptWorld concept: the same scene with and without the concept.
+
+ConceptWorld has no "neutral" value for a factor: every image shows some shape, in some color, on
+some background. So the source of a pair is the target scene with the concept replaced by *another
+value of the same factor* (erasing "triangle" maps it to other shapes), said in the same template.
+The anchor cycles through the other values so the eraser does not learn to draw one fixed
+replacement. Held-out paraphrases (synonyms in templates never seen in training) test whether the
+erasure generalises beyond the fitting words; non-target prompts test what must be preserved.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+
+import numpy as np
+
+from ..erase.pairs import PromptPairs
+from .captions import TEMPLATES, describe, paraphrase
+from .factors import FACTORS, Scene, factor_of
+
+
+def concepts() -> tuple[str, ...]:
+    """Every ConceptWorld concept that can be erased: each shape, color and background."""
+    return tuple(v for values in FACTORS.values() for v in values)
+
+
+def concept_scenes(concept: str, rng: np.random.Generator) -> list[tuple[Scene, int]]:
+    """Every (scene showing `concept`, template index) combination once, in a random order."""
+    factor = factor_of(concept)
+    rest = [f for f in FACTORS if f != factor]
+    combos = list(itertools.product(*(FACTORS[f] for f in rest), range(len(TEMPLATES))))
+    return [
+        (Scene(**{factor: concept, **dict(zip(rest, combos[i][:-1]))}), combos[i][-1])
+        for i in rng.permutation(len(combos))
+    ]
+
+
+def canonical_prompt(scene: Scene, template: int) -> str:
+    """The scene in canonical words and the given template."""
+    return describe(scene.shape, scene.color, scene.background, template)
+
+
+def paraphrase_prompts(concept: str, n: int, rng: np.random.Generator) -> list[str]:
+    """`n` distinct held-out paraphrases of scenes showing `concept` (synonyms in held-out templates)."""
+    out: list[str] = []
+    for scene, _ in itertools.islice(itertools.cycle(concept_scenes(concept, rng)), 50 * n):
+        prompt = paraphrase(scene, rng)
+        if prompt not in out:
+            out.append(prompt)
+        if len(out) == n:
+            return out
+    raise ValueError(f"could not draw {n} distinct paraphrases of {concept!r}")
+
+
+def other_value_scenes(concept: str, n: int, rng: np.random.Generator) -> list[tuple[Scene, int]]:
+    """`n` distinct (scene, template) combinations with another value of `concept`'s factor,
+    cycling through the other values, with random other factors: what erasure must preserve."""
+    factor = factor_of(concept)
+    pools = [concept_scenes(v, rng) for v in FACTORS[factor] if v != concept]
+    available = sum(map(len, pools))
+    if n > available:
+        raise ValueError(f"at most {available} distinct non-target prompts exist for {concept!r}; asked for {n}")
+    return [pools[i % len(pools)][i // len(pools)] for i in range(n)]
+
+
+def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0) -> PromptPairs:
+    """`n` prompt pairs that erase a ConceptWorld `concept` (a shape, color or background), plus
+    `n` held-out paraphrases and `n` non-target prompts. Deterministic in `seed`."""
+    if concept not in concepts():
+        raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    factor = factor_of(concept)
+    anchors = [v for v in FACTORS[factor] if v != concept]
+    rng = np.random.default_rng(seed)
+    scenes = concept_scenes(concept, rng)
+    if n > len(scenes):
+        raise ValueError(f"at most {len(scenes)} distinct pairs exist for {concept!r}; asked for {n}")
+    targets, sources = [], []
+    for i, (scene, template) in enumerate(scenes[:n]):
+        anchor = replace(scene, **{factor: anchors[i % len(anchors)]})
+        targets.append(canonical_prompt(scene, template))
+        sources.append(canonical_prompt(anchor, template))
+    return PromptPairs(
+        concept=concept,
+        targets=tuple(targets),
+        sources=tuple(sources),
+        heldout=tuple(paraphrase_prompts(concept, n, rng)),
+        non_target=tuple(canonical_prompt(*st) for st in other_value_scenes(concept, n, rng)),
+        meta={
+            "description": f"ConceptWorld {factor} {concept!r}; each source is the target scene with another "
+            f"{factor} (cycling through {', '.join(anchors)}), in the same template.",
+            "author": "acterase_interp.world.pairs.conceptworld_pairs",
+            "task": "conceptworld",
+            "factor": factor,
+            "n": n,
+            "seed": seed,
+        },
+    )

@@ -1,0 +1,58 @@
+"""Shared fixtures: heavy models are built once per session.
+
+The random-weight SD pipelines (about 4-5 GB each) are one parametrized session fixture, so pytest
+groups the tests of each version together and frees one pipeline before building the next.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+from nnsight import DiffusionModel
+
+from acterase_interp.loading import load
+from acterase_interp.random_sd import build_random_sd
+from acterase_interp.sites import Site, discover_sites
+
+# Tiny models gain nothing from many threads; respect OMP_NUM_THREADS where the caller set it.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+SD_LATENT = 16
+"""Latent side of the random SD pipelines in tests (128-pixel images): every weight is real size,
+only the activations are small."""
+
+
+@pytest.fixture(scope="session")
+def conceptworld() -> DiffusionModel:
+    """The bundled ConceptWorld model."""
+    return load("conceptworld")
+
+
+@pytest.fixture(scope="session")
+def conceptworld_sites(conceptworld: DiffusionModel) -> list[Site]:
+    return discover_sites(conceptworld.pipeline.unet)
+
+
+@dataclass(frozen=True)
+class RandomSD:
+    """A random-weight SD pipeline, wrapped, with its sites."""
+
+    version: str
+    """"1.5" or "2.1"."""
+    model: DiffusionModel
+    """`load(pipeline)`."""
+    pipeline: StableDiffusionPipeline
+    """The raw pipeline that `build_random_sd` returned."""
+    sites: list[Site]
+    """`discover_sites` at `SD_LATENT` latent pixels."""
+
+
+@pytest.fixture(scope="session", params=["1.5", "2.1"], ids=["sd15", "sd21"])
+def random_sd(request: pytest.FixtureRequest) -> RandomSD:
+    pipe = build_random_sd(request.param, seed=0, sample_size=SD_LATENT)
+    return RandomSD(request.param, load(pipe), pipe, discover_sites(pipe.unet))

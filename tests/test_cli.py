@@ -1,0 +1,111 @@
+"""The `acterase` command line and the ConceptWorld demo, at tiny sizes (few pairs, steps, images)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from acterase_interp.cli import main
+from acterase_interp.demo import run_demo
+from acterase_interp.erase.eraser import Eraser
+from acterase_interp.world.captions import WORDS
+from acterase_interp.world.pairs import conceptworld_pairs
+
+STEPS = "3"
+RESULT_KEYS = {
+    "concept", "factor", "target_rate", "paraphrase_rate", "non_target_accuracy", "non_target_distance", "timing",
+    "mask_density", "options", "generation", "pairs", "seeds", "prompts", "predictions", "model", "versions",
+    "bars", "passed", "files",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def eraser_dir(tmp_path_factory) -> Path:
+    """An eraser fitted by `acterase fit` on two ConceptWorld pairs."""
+    tmp = tmp_path_factory.mktemp("cli")
+    conceptworld_pairs("triangle", n=4).save(tmp / "pairs.json")
+    out = tmp / "eraser"
+    argv = ["fit", "--model", "conceptworld", "--pairs", str(tmp / "pairs.json"), "--max-pairs", "2",
+            "--steps", STEPS, "--tau", "0.05", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    return out
+
+
+def test_fit_writes_a_loadable_eraser(eraser_dir, conceptworld):
+    eraser = Eraser.load(eraser_dir, model=conceptworld)
+    density = eraser.mask_density()
+    assert density and all(0 <= d <= 1 for d in density.values()) and any(d > 0 for d in density.values())
+    assert all(name.endswith("ffn_hidden") for name in density)
+
+
+def test_generate_writes_a_before_after_grid(eraser_dir, tmp_path):
+    png = tmp_path / "grid.png"
+    argv = ["generate", "--model", "conceptworld", "--prompt", "a red triangle on a plain background",
+            "--prompt", "a blue circle", "--seeds", "0", "1", "--steps", STEPS, "--eraser", str(eraser_dir),
+            "--compare", "--out", str(png)]  # fmt: skip
+    assert main(argv) == 0
+    with Image.open(png) as img:
+        assert img.format == "PNG"
+        assert img.height > img.width  # 4 rows (2 prompts, before and after) of 2 seeds
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["fit", "--pairs", "no_such_concept", "--out", "x"], "no prompt pairs named 'no_such_concept'"),
+        (["fit", "--pairs", "conceptworld_red", "--tau", "5", "--out", "x"], "tau=5.0 is outside"),
+        (["generate", "--prompt", "a red star", "--eraser", "does/not/exist", "--out", "x.png"], "does/not/exist"),
+        (["generate", "--prompt", "a red star", "--compare", "--out", "x.png"], "--compare needs --eraser"),
+        (["generate", "--model", "./missing-model", "--prompt", "a red star", "--out", "x.png"], "missing-model"),
+        (["demo", "--concept", "hexagon"], "unknown ConceptWorld concept 'hexagon'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_unknown_site_kind_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--pairs", "conceptworld_red", "--site-kind", "attn3_out", "--out", "x"])
+    assert exit_info.value.code == 2
+    assert "attn3_out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concept", ["triangle", "red", "dots"])
+def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
+    results = run_demo(concept, tmp_path, n_pairs=2, n_images=3, num_inference_steps=3, model=conceptworld,
+                       progress=False)  # fmt: skip
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert set(on_disk) == RESULT_KEYS
+    assert on_disk == json.loads(json.dumps(results))
+    assert (tmp_path / "report.html").read_text().count("<h2>") >= 8
+    assert all(Path(p).exists() for p in results["files"]["grids"])
+    assert Eraser.load(tmp_path / "eraser", model=conceptworld).mask_density() == pytest.approx(results["mask_density"])
+    assert results["factor"] == {"triangle": "shape", "red": "color", "dots": "background"}[concept]
+    for group in ("target", "paraphrase", "non_target"):
+        assert len(results["prompts"][group]) == len(results["seeds"][group]) == 3
+        assert len(results["predictions"][group]["after"][results["factor"]]) == 3
+    fitting = set(results["pairs"]["targets"]) | set(results["pairs"]["sources"])
+    assert not fitting & set(results["prompts"]["target"] + results["prompts"]["non_target"])
+    assert not any(f" {WORDS[concept][0]} " in f" {p.replace(',', ' ')} " for p in results["prompts"]["non_target"])
+    assert results["target_rate"]["before"]["n"] == 3
+    assert {b["bar"] for b in results["bars"]} >= {"target rate after", "paraphrase rate after"}
+    assert len(results["bars"]) == 6
+    assert results["passed"] == all(b["passed"] for b in results["bars"])
+
+
+@pytest.mark.slow
+def test_demo_command(tmp_path, capsys):
+    argv = ["demo", "--concept", "star", "--n-pairs", "2", "--n-images", "2", "--steps", STEPS, "--out", str(tmp_path)]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "target rate" in out and ("PASS" in out or "FAIL" in out)
+    assert set(json.loads((tmp_path / "results.json").read_text())) == RESULT_KEYS
