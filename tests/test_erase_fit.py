@@ -74,7 +74,7 @@ def test_fit_follows_the_source_trajectory(fitter, pairs, conceptworld):
     st = fitter.statistics
     site = st.sites[3]
     norm = reader_weight_norm(conceptworld.pipeline.unet, site)
-    close = dict(rtol=1e-4, atol=1e-5)
+    close = dict(rtol=1e-3, atol=1e-4)  # a batch of one vs the fit's batch of two: rounding grows over steps
     values = []
     for p, (target, source) in enumerate(pairs):
         src = _alone(conceptworld, source, st.seeds[p], site.module_path)[:, 1]  # cond rows
@@ -83,6 +83,8 @@ def test_fit_follows_the_source_trajectory(fitter, pairs, conceptworld):
         torch.testing.assert_close(st.token_importance_source[site.name][p], src.abs() * norm, **close)
         torch.testing.assert_close(st.mean_source[site.name][p], src.mean(dim=(0, 1)), **close)
         torch.testing.assert_close(st.importance_target[site.name][p, 0], (tgt[0].abs() * norm).mean(0), **close)
+        own_last = (tgt[-1].abs() * norm).mean(0)  # the target's own trajectory has moved away by the last step
+        assert not torch.allclose(st.importance_target[site.name][p, -1], own_last, **close)
         values.append(src.mean(0))
     torch.testing.assert_close(st.values[site.name][0], torch.stack(values).mean(0), **close)
 

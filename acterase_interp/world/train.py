@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import CLIPTextModel
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
@@ -46,6 +47,8 @@ class TrainOptions:
     min_snr_gamma: float = 5.0
     ema_decay: float = 0.999
     checkpoint_every: int = 400
+    init_from: str = ""
+    """A pipeline directory whose UNet and text encoder continue training ("" = from scratch)."""
 
 
 def _scene_labels(scenes: list[Scene]) -> torch.Tensor:
@@ -139,8 +142,12 @@ def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOption
     rng = np.random.default_rng(opts.seed + 3)
     tokenizer = build_tokenizer()
     torch.manual_seed(opts.seed + 3)
-    text_encoder = arch.build_text_encoder(len(tokenizer))
-    unet = arch.build_unet()
+    if opts.init_from:  # continue an earlier run (its EMA weights) with a fresh schedule
+        text_encoder = CLIPTextModel.from_pretrained(Path(opts.init_from) / "text_encoder")
+        unet = UNet2DConditionModel.from_pretrained(Path(opts.init_from) / "unet")
+    else:
+        text_encoder = arch.build_text_encoder(len(tokenizer))
+        unet = arch.build_unet()
     noise_sched = arch.build_train_scheduler()
     with torch.no_grad():  # encode once; sample the posterior per step
         dists = [vae.encode(c).latent_dist for c in images.split(512)]
