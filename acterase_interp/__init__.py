@@ -1,12 +1,19 @@
 """acterase-interp: ActErase concept erasure and mechanistic interpretability for text-to-image
 diffusion models, built on nnsight tracing, with ConceptWorld as the bundled offline model."""
 
+from .erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
 from .generation import generate
 from .loading import GenerationDefaults, architecture_hash, load, load_pipeline, wrap
 from .sites import SITE_KINDS, Site, discover_sites, select_sites, site_by_name
 
 __all__ = [
     "SITE_KINDS",
+    "EraseOptions",
+    "Eraser",
+    "EraserFitter",
+    "FitStatistics",
+    "PromptPairs",
+    "merge",
     "GenerationDefaults",
     "Site",
     "architecture_hash",
