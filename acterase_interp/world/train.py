@@ -34,6 +34,9 @@ from .render import render_batch
 from .tokenizer import build_tokenizer
 
 
+STAGES: tuple[str, ...] = ("vae", "classifier", "unet")
+
+
 @dataclass
 class TrainOptions:
     seed: int = 0
@@ -100,15 +103,39 @@ def train_vae(images: torch.Tensor, opts: TrainOptions, log: dict) -> torch.nn.M
     return vae
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, opts: TrainOptions, log: dict) -> ConceptClassifier:
+@torch.no_grad()
+def vae_roundtrip(vae: torch.nn.Module, images: torch.Tensor, gen: torch.Generator | None = None) -> torch.Tensor:
+    """`images` (N, 3, 32, 32) in [-1, 1] encoded and decoded by `vae` (a posterior sample when `gen`
+    is given, else the mean): what a perfect latent model would hand to the decoder."""
+    out = []
+    for chunk in images.split(512):
+        dist = vae.encode(chunk).latent_dist
+        out.append(vae.decode(dist.sample(generator=gen) if gen is not None else dist.mean).sample.clamp(-1, 1))
+    return torch.cat(out)
+
+
+def _heldout_accuracy(model: ConceptClassifier, scenes: list[Scene], images: torch.Tensor) -> dict[str, float]:
+    pred = model.predict((images + 1) / 2)
+    return {f: float(np.mean([p == getattr(s, f) for p, s in zip(pred[f], scenes)])) for f in FACTORS}
+
+
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, vae: torch.nn.Module, opts: TrainOptions, log: dict
+) -> ConceptClassifier:
+    """The concept classifier, trained on clean renders and on their VAE round trips in equal parts:
+    generated images pass through the decoder, whose blur turns a thin-armed star into a blob that a
+    classifier of clean renders alone misreads (74.5% shape accuracy on round trips)."""
     gen = torch.Generator().manual_seed(opts.seed + 2)
+    roundtrips = vae_roundtrip(vae, images, gen)
     model = ConceptClassifier()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.classifier_steps))
     model.train()
+    half = opts.batch // 2
     for step in (bar := tqdm(range(opts.classifier_steps), desc="classifier")):
         idx = torch.randint(len(images), (opts.batch,), generator=gen)
-        x = images[idx] + 0.03 * torch.randn(opts.batch, 3, 32, 32, generator=gen)  # robust to decoder noise
+        x = torch.cat([images[idx[:half]], roundtrips[idx[half:]]])
+        x = x + 0.03 * torch.randn(x.shape, generator=gen)  # robust to sampler noise
         logits = model(x)
         loss = sum(F.cross_entropy(logits[f], labels[idx, i]) for i, f in enumerate(FACTORS))
         opt.zero_grad(set_to_none=True)
@@ -118,13 +145,14 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, opts: TrainOpti
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    # Held-out accuracy on fresh renders from a seed never used for training.
+    # Held-out accuracy on fresh renders (and their VAE round trips) from a seed never used for training.
     rng = np.random.default_rng(opts.seed + 1000)
     scenes = sample_scenes(2000, rng)
-    pred = model.predict((torch.from_numpy(render_batch(scenes, rng)) + 1) / 2)
-    acc = {f: float(np.mean([p == getattr(s, f) for p, s in zip(pred[f], scenes)])) for f in FACTORS}
-    log["classifier"] = {"heldout_accuracy": acc, "heldout_n": len(scenes)}
-    print("classifier held-out accuracy:", acc)
+    clean = torch.from_numpy(render_batch(scenes, rng))
+    acc = _heldout_accuracy(model, scenes, clean)
+    acc_vae = _heldout_accuracy(model, scenes, vae_roundtrip(vae, clean))
+    log["classifier"] = {"heldout_accuracy": acc, "heldout_vae_roundtrip_accuracy": acc_vae, "heldout_n": len(scenes)}
+    print("classifier held-out accuracy, clean:", acc, "VAE round trip:", acc_vae)
     return model
 
 
@@ -198,7 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in asdict(TrainOptions()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order "
+                        f"(default: {','.join(STAGES)}); the VAE is loaded from --out when its stage is skipped")
     args = parser.parse_args(argv)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if unknown := set(stages) - set(STAGES):
+        parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
     opts = TrainOptions(**{k: getattr(args, k) for k in asdict(TrainOptions())})
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -221,13 +254,18 @@ def main(argv: list[str] | None = None) -> None:
     vae_dir = args.out / "stage_vae"
     if (vae_dir / "config.json").exists():
         vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    elif "vae" not in stages and (args.out / "pipeline" / "vae" / "config.json").exists():
+        vae = AutoencoderKL.from_pretrained(args.out / "pipeline" / "vae").eval()
+    elif "vae" not in stages:
+        parser.error(f"--stages skips the VAE but {args.out} holds no trained VAE (stage_vae/ or pipeline/vae/)")
     else:
         vae = timed("vae", train_vae, images, opts, log)
         vae.save_pretrained(vae_dir)
-    if not (args.out / "classifier" / "classifier.safetensors").exists():
-        classifier = timed("classifier", train_classifier, images, labels, opts, log)
+    if "classifier" in stages and not (args.out / "classifier" / "classifier.safetensors").exists():
+        classifier = timed("classifier", train_classifier, images, labels, vae, opts, log)
         classifier.save(args.out / "classifier")
-    timed("unet", train_unet, vae, scenes, images, opts, log, args.out)
+    if "unet" in stages:
+        timed("unet", train_unet, vae, scenes, images, opts, log, args.out)
     print(f"done: {args.out} ({log['seconds']})")
 
 
