@@ -40,6 +40,19 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")  # fmt: skip
 
 
+def _add_erase_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tau", type=float, help="importance threshold (default: 0.01)")
+    p.add_argument("--tau-mode", choices=TAU_MODES)
+    p.add_argument("--site-kind", choices=SITE_KINDS, help="where to patch (default: ffn_hidden)")
+    p.add_argument("--granularity", choices=GRANULARITIES)
+    p.add_argument("--time-mask", choices=TIME_MASKS)
+    p.add_argument("--cfg-rows", choices=CFG_ROWS)
+    p.add_argument("--blocks", nargs="+", help="transformer blocks to patch, by name or prefix (down mid up.1)")
+    p.add_argument("--pair-combine", choices=PAIR_COMBINES)
+    p.add_argument("--value-mode", choices=VALUE_MODES)
+    p.add_argument("--seed", type=int, default=0, help="seed of the first pair's noise (default: 0)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acterase", description="Training-free concept erasure (ActErase).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -48,16 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_model(fit)
     fit.add_argument("--pairs", required=True, help="a name in data/prompts (e.g. nudity) or a JSON file")
     fit.add_argument("--max-pairs", type=int, help="use only the first N pairs")
-    fit.add_argument("--tau", type=float, help="importance threshold (default: 0.01)")
-    fit.add_argument("--tau-mode", choices=TAU_MODES)
-    fit.add_argument("--site-kind", choices=SITE_KINDS, help="where to patch (default: ffn_hidden)")
-    fit.add_argument("--granularity", choices=GRANULARITIES)
-    fit.add_argument("--time-mask", choices=TIME_MASKS)
-    fit.add_argument("--cfg-rows", choices=CFG_ROWS)
-    fit.add_argument("--blocks", nargs="+", help="transformer blocks to patch, by name or prefix (down mid up.1)")
-    fit.add_argument("--pair-combine", choices=PAIR_COMBINES)
-    fit.add_argument("--value-mode", choices=VALUE_MODES)
-    fit.add_argument("--seed", type=int, default=0, help="seed of the first pair's noise (default: 0)")
+    _add_erase_options(fit)
     fit.add_argument("--out", required=True, help="folder to write the eraser to")
 
     gen = sub.add_parser("generate", help="generate a grid of images, optionally with an eraser")
@@ -71,17 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="erase a ConceptWorld concept and report how well it worked")
     demo.add_argument("--concept", default="triangle", help="a ConceptWorld shape, color or background")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--tau", type=float, help="importance threshold (default: EraseOptions' default)")
     demo.add_argument("--n-pairs", type=int, default=10, help="prompt pairs to fit on (default: 10)")
+    demo.add_argument("--anchor", help="one value of the concept's factor that every source prompt uses instead "
+                      "(default: cycle through the others)")
     demo.add_argument("--n-images", type=int, default=32, help="images per evaluation group (default: 32)")
     demo.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    demo.add_argument("--seed", type=int, default=0)
+    _add_erase_options(demo)
     return parser
 
 
 def _options(args: argparse.Namespace) -> EraseOptions:
     given = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
-    return EraseOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed, **given)
+    guidance = getattr(args, "guidance", None)
+    return EraseOptions(num_inference_steps=args.steps, guidance_scale=guidance, seed=args.seed, **given)
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -131,8 +137,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo  # the demo pulls in the classifier and report code only when asked for
 
-    result = run_demo(concept=args.concept, out_dir=args.out, tau=args.tau, n_pairs=args.n_pairs,
-                      n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps)  # fmt: skip
+    given = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
+    result = run_demo(concept=args.concept, out_dir=args.out, n_pairs=args.n_pairs, anchor=args.anchor,
+                      n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps, **given)  # fmt: skip
     print("all bars passed" if result["passed"] else "some bars failed")
 
 

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,8 @@ TARGET_AFTER_MAX = 0.10
 TARGET_BEFORE_MIN = 0.90
 PARAPHRASE_AFTER_MAX = 0.20
 PRESERVATION_MIN = 0.90
+DEMO_OPTIONS: dict[str, Any] = {}
+"""`EraseOptions` fields the demo uses unless overridden."""
 _GRID_TILES = 16  # images per group shown in the report
 
 
@@ -225,19 +228,21 @@ def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) ->
 def run_demo(
     concept: str = "triangle",
     out_dir: str | Path = "runs/demo",
-    tau: float | None = None,
     n_pairs: int = 10,
+    anchor: str | None = None,
     n_images: int = 32,
     seed: int = 0,
     num_inference_steps: int | None = None,
     model: DiffusionModel | None = None,
     classifier: ConceptClassifier | None = None,
     progress: bool = True,
+    **options: Any,
 ) -> dict:
     """Erase a ConceptWorld `concept` and measure the result; returns the results dict, also
     written to `out_dir/results.json` with an HTML report (`report.html`), before/after PNG grids
-    per group and the fitted eraser (`eraser/`). `tau` None keeps `EraseOptions`' default;
-    `num_inference_steps` None the model's. `n_images` is per group, so the run generates
+    per group and the fitted eraser (`eraser/`). `options` are `EraseOptions` fields (`tau`,
+    `site_kind`, ...) over `DEMO_OPTIONS`; `num_inference_steps` None keeps the model's; `anchor`
+    fixes the value that replaces the concept in the pairs' sources (see `conceptworld_pairs`). `n_images` is per group, so the run generates
     `6 * n_images` images (about 3 minutes on 2 CPU cores with the defaults)."""
     if concept not in concepts():
         raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
@@ -249,9 +254,8 @@ def run_demo(
     classifier = classifier if classifier is not None else ConceptClassifier.load(conceptworld_dir() / "classifier")
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
-    options = EraseOptions(num_inference_steps=steps, guidance_scale=guidance, seed=seed,
-                           **({} if tau is None else {"tau": tau}))  # fmt: skip
-    pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed)
+    options = EraseOptions(num_inference_steps=steps, guidance_scale=guidance, seed=seed, **{**DEMO_OPTIONS, **options})
+    pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
 
     eraser, fit_s = _timed(lambda: EraserFitter(model, options, progress=progress).fit(pairs))
     eraser.save(out / "eraser")
@@ -289,7 +293,7 @@ def run_demo(
         "options": options.to_dict(),
         "generation": {"num_inference_steps": steps, "guidance_scale": guidance, "n_images_per_group": n_images},
         "pairs": {"concept": pairs.concept, "targets": list(pairs.targets), "sources": list(pairs.sources),
-                  "seed": seed},
+                  "seed": seed, "anchor": anchor},
         "seeds": {"fit": seed, **seeds_by_group},
         "prompts": {g.name: list(g.prompts) for g in groups},
         "predictions": {g: {w: {f: list(v) for f, v in p.items()} for w, p in preds[g].items()} for g in preds},

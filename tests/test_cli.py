@@ -104,8 +104,13 @@ def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
 
 @pytest.mark.slow
 def test_demo_command(tmp_path, capsys):
-    argv = ["demo", "--concept", "star", "--n-pairs", "2", "--n-images", "2", "--steps", STEPS, "--out", str(tmp_path)]
+    argv = ["demo", "--concept", "star", "--n-pairs", "2", "--n-images", "2", "--steps", STEPS, "--out", str(tmp_path),
+            "--site-kind", "attn2_out", "--tau", "0.5", "--anchor", "circle"]  # fmt: skip
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "target rate" in out and ("PASS" in out or "FAIL" in out)
-    assert set(json.loads((tmp_path / "results.json").read_text())) == RESULT_KEYS
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results) == RESULT_KEYS
+    assert (results["options"]["site_kind"], results["options"]["tau"]) == ("attn2_out", 0.5)
+    assert results["pairs"]["anchor"] == "circle"
+    assert all(" circle " in f" {p.replace(',', ' ')} " for p in results["pairs"]["sources"])

@@ -115,6 +115,18 @@ def test_conceptworld_pairs_are_deterministic_and_seeded():
     assert len(conceptworld_pairs("stripes", n=25)) == 25
 
 
+def test_conceptworld_fixed_anchor():
+    pairs = conceptworld_pairs("triangle", n=8, seed=1, anchor="circle")
+    for target, source in pairs:
+        t_span, s_span, _ = _diff_span(target, source)
+        assert (t_span, s_span) == (["triangle"], ["circle"]), (target, source)
+    assert pairs.meta["anchor"] == "circle"
+    assert pairs.targets == conceptworld_pairs("triangle", n=8, seed=1).targets  # same scenes, other sources
+    for bad in ("triangle", "red"):
+        with pytest.raises(ValueError, match="must be another shape than 'triangle'"):
+            conceptworld_pairs("triangle", anchor=bad)
+
+
 def test_conceptworld_pairs_reject_bad_input():
     with pytest.raises(ValueError, match="unknown ConceptWorld concept 'hexagon'"):
         conceptworld_pairs("hexagon")

@@ -135,3 +135,23 @@ def test_bundled_classifier_reads_clean_renders():
     for factor in FACTORS:
         accuracy = np.mean([p == getattr(s, factor) for p, s in zip(predicted[factor], scenes)])
         assert accuracy >= 0.99, (factor, accuracy)
+
+
+def test_bundled_classifier_reads_vae_round_trips():
+    """Generated images pass through the decoder: the classifier must read its blur as well."""
+    from acterase_interp.world.train import vae_roundtrip
+    from diffusers import AutoencoderKL
+
+    directory = conceptworld_dir()
+    if not (directory / "classifier" / "classifier.safetensors").exists():
+        pytest.skip(f"no bundled model at {directory}")
+    classifier = ConceptClassifier.load(directory / "classifier")
+    vae = AutoencoderKL.from_pretrained(directory / "pipeline" / "vae").eval()
+    rng = np.random.default_rng(20_260_102)  # a seed that training never used
+    scenes = sample_scenes(400, rng)
+    images = vae_roundtrip(vae, torch.from_numpy(render_batch(scenes, rng)))
+    assert images.shape == (400, 3, 32, 32) and images.abs().max() <= 1
+    predicted = classifier.predict((images + 1) / 2)
+    for factor in FACTORS:
+        accuracy = np.mean([p == getattr(s, factor) for p, s in zip(predicted[factor], scenes)])
+        assert accuracy >= 0.98, (factor, accuracy)

@@ -3,8 +3,9 @@
 ConceptWorld has no "neutral" value for a factor: every image shows some shape, in some color, on
 some background. So the source of a pair is the target scene with the concept replaced by *another
 value of the same factor* (erasing "triangle" maps it to other shapes), said in the same template.
-The anchor cycles through the other values so the eraser does not learn to draw one fixed
-replacement. Held-out paraphrases (synonyms in templates never seen in training) test whether the
+By default the anchor cycles through the other values; a fixed `anchor` maps the concept onto
+one value, like the paper's pairs, whose sources all say the same benign thing (a dress for nudity),
+so that the mean source activation is that thing rather than a blend. Held-out paraphrases (synonyms in templates never seen in training) test whether the
 erasure generalises beyond the fitting words; non-target prompts test what must be preserved.
 """
 
@@ -64,24 +65,30 @@ def other_value_scenes(concept: str, n: int, rng: np.random.Generator) -> list[t
     return [pools[i % len(pools)][i // len(pools)] for i in range(n)]
 
 
-def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0) -> PromptPairs:
+def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0, anchor: str | None = None) -> PromptPairs:
     """`n` prompt pairs that erase a ConceptWorld `concept` (a shape, color or background), plus
-    `n` held-out paraphrases and `n` non-target prompts. Deterministic in `seed`."""
+    `n` held-out paraphrases and `n` non-target prompts. Sources replace the concept with `anchor`
+    (another value of its factor), or with every other value in turn when None. Deterministic in
+    `seed`."""
     if concept not in concepts():
         raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     factor = factor_of(concept)
     anchors = [v for v in FACTORS[factor] if v != concept]
+    if anchor is not None:
+        if anchor not in anchors:
+            raise ValueError(f"anchor {anchor!r} must be another {factor} than {concept!r}: one of {anchors}")
+        anchors = [anchor]
     rng = np.random.default_rng(seed)
     scenes = concept_scenes(concept, rng)
     if n > len(scenes):
         raise ValueError(f"at most {len(scenes)} distinct pairs exist for {concept!r}; asked for {n}")
     targets, sources = [], []
     for i, (scene, template) in enumerate(scenes[:n]):
-        anchor = replace(scene, **{factor: anchors[i % len(anchors)]})
+        source_scene = replace(scene, **{factor: anchors[i % len(anchors)]})
         targets.append(canonical_prompt(scene, template))
-        sources.append(canonical_prompt(anchor, template))
+        sources.append(canonical_prompt(source_scene, template))
     return PromptPairs(
         concept=concept,
         targets=tuple(targets),
@@ -90,11 +97,12 @@ def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0) -> PromptPairs:
         non_target=tuple(canonical_prompt(*st) for st in other_value_scenes(concept, n, rng)),
         meta={
             "description": f"ConceptWorld {factor} {concept!r}; each source is the target scene with another "
-            f"{factor} (cycling through {', '.join(anchors)}), in the same template.",
+            f"{factor} ({'cycling through ' if anchor is None else 'always '}{', '.join(anchors)}), in the same template.",
             "author": "acterase_interp.world.pairs.conceptworld_pairs",
             "task": "conceptworld",
             "factor": factor,
             "n": n,
             "seed": seed,
+            **({"anchor": anchor} if anchor is not None else {}),
         },
     )
