@@ -84,10 +84,14 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _given_options(args: argparse.Namespace) -> dict:
+    """The `EraseOptions` fields set on the command line."""
+    return {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
+
+
 def _options(args: argparse.Namespace) -> EraseOptions:
-    given = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
-    guidance = getattr(args, "guidance", None)
-    return EraseOptions(num_inference_steps=args.steps, guidance_scale=guidance, seed=args.seed, **given)
+    return EraseOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
+                        **_given_options(args))  # fmt: skip
 
 
 def _fit(args: argparse.Namespace) -> None:
@@ -137,9 +141,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from .demo import run_demo  # the demo pulls in the classifier and report code only when asked for
 
-    given = {k: getattr(args, k) for k in _OPTION_FLAGS if getattr(args, k) is not None}
     result = run_demo(concept=args.concept, out_dir=args.out, n_pairs=args.n_pairs, anchor=args.anchor,
-                      n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps, **given)  # fmt: skip
+                      n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps,
+                      **_given_options(args))  # fmt: skip
     print("all bars passed" if result["passed"] else "some bars failed")
 
 

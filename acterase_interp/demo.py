@@ -51,8 +51,6 @@ TARGET_AFTER_MAX = 0.10
 TARGET_BEFORE_MIN = 0.90
 PARAPHRASE_AFTER_MAX = 0.20
 PRESERVATION_MIN = 0.90
-DEMO_OPTIONS: dict[str, Any] = {}
-"""`EraseOptions` fields the demo uses unless overridden."""
 _GRID_TILES = 16  # images per group shown in the report
 
 
@@ -241,8 +239,9 @@ def run_demo(
     """Erase a ConceptWorld `concept` and measure the result; returns the results dict, also
     written to `out_dir/results.json` with an HTML report (`report.html`), before/after PNG grids
     per group and the fitted eraser (`eraser/`). `options` are `EraseOptions` fields (`tau`,
-    `site_kind`, ...) over `DEMO_OPTIONS`; `num_inference_steps` None keeps the model's; `anchor`
-    fixes the value that replaces the concept in the pairs' sources (see `conceptworld_pairs`). `n_images` is per group, so the run generates
+    `site_kind`, ...; the paper's defaults otherwise); `num_inference_steps` None keeps the model's;
+    `anchor` fixes the value that replaces the concept in the pairs' sources (see
+    `conceptworld_pairs`). `n_images` is per group, so the run generates
     `6 * n_images` images (about 3 minutes on 2 CPU cores with the defaults)."""
     if concept not in concepts():
         raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
@@ -254,7 +253,7 @@ def run_demo(
     classifier = classifier if classifier is not None else ConceptClassifier.load(conceptworld_dir() / "classifier")
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
-    options = EraseOptions(num_inference_steps=steps, guidance_scale=guidance, seed=seed, **{**DEMO_OPTIONS, **options})
+    options = EraseOptions(num_inference_steps=steps, guidance_scale=guidance, seed=seed, **options)
     pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
 
     eraser, fit_s = _timed(lambda: EraserFitter(model, options, progress=progress).fit(pairs))

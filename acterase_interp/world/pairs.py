@@ -4,9 +4,10 @@ ConceptWorld has no "neutral" value for a factor: every image shows some shape, 
 some background. So the source of a pair is the target scene with the concept replaced by *another
 value of the same factor* (erasing "triangle" maps it to other shapes), said in the same template.
 By default the anchor cycles through the other values; a fixed `anchor` maps the concept onto
-one value, like the paper's pairs, whose sources all say the same benign thing (a dress for nudity),
-so that the mean source activation is that thing rather than a blend. Held-out paraphrases (synonyms in templates never seen in training) test whether the
-erasure generalises beyond the fitting words; non-target prompts test what must be preserved.
+one value, like the paper's pairs, whose sources all say the same benign thing (a dress for
+nudity), so that the mean source activation is that thing rather than a blend. Held-out
+paraphrases (synonyms in templates never seen in training) test whether the erasure generalises
+beyond the fitting words; non-target prompts test what must be preserved.
 """
 
 from __future__ import annotations
@@ -97,7 +98,8 @@ def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0, anchor: str | N
         non_target=tuple(canonical_prompt(*st) for st in other_value_scenes(concept, n, rng)),
         meta={
             "description": f"ConceptWorld {factor} {concept!r}; each source is the target scene with another "
-            f"{factor} ({'cycling through ' if anchor is None else 'always '}{', '.join(anchors)}), in the same template.",
+            f"{factor} ({'cycling through' if anchor is None else 'always'} {', '.join(anchors)}), in the same "
+            "template.",
             "author": "acterase_interp.world.pairs.conceptworld_pairs",
             "task": "conceptworld",
             "factor": factor,

@@ -25,6 +25,7 @@ from transformers import CLIPTextModel
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
+from ..metrics import factor_accuracy
 from ..provenance import library_versions
 from . import architecture as arch
 from .captions import training_caption
@@ -115,8 +116,7 @@ def vae_roundtrip(vae: torch.nn.Module, images: torch.Tensor, gen: torch.Generat
 
 
 def _heldout_accuracy(model: ConceptClassifier, scenes: list[Scene], images: torch.Tensor) -> dict[str, float]:
-    pred = model.predict((images + 1) / 2)
-    return {f: float(np.mean([p == getattr(s, f) for p, s in zip(pred[f], scenes)])) for f in FACTORS}
+    return {f: rate.value for f, rate in factor_accuracy(model, (images + 1) / 2, scenes).items() if f in FACTORS}
 
 
 def train_classifier(
