@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, default in asdict(TrainOptions()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated stages to run, in order "
+    parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of the stages to run "
                         f"(default: {','.join(STAGES)}); the VAE is loaded from --out when its stage is skipped")
     args = parser.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
