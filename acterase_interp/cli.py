@@ -4,7 +4,8 @@
     acterase generate --model conceptworld --prompt "a red triangle" --eraser runs/triangle --compare --out grid.png
     acterase demo --concept triangle --out runs/demo
 
-Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2.
+Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2;
+`acterase demo --strict` exits with 1 when an erasure bar fails.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .report import labelled_grid_png
 from .sites import SITE_KINDS
 
 USAGE_ERROR = 2
+BARS_FAILED = 1
 _OPTION_FLAGS = (
     "site_kind", "tau", "tau_mode", "granularity", "time_mask", "cfg_rows", "blocks", "pair_combine", "value_mode",
 )  # fmt: skip
@@ -80,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                       "(default: cycle through the others)")
     demo.add_argument("--n-images", type=int, default=32, help="images per evaluation group (default: 32)")
     demo.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    demo.add_argument("--all-units", action="store_true",
+                      help="patch every unit of the chosen sites: the ceiling of any --tau")
+    demo.add_argument("--strict", action="store_true", help="exit with 1 when a bar fails")
     _add_erase_options(demo)
     return parser
 
@@ -138,24 +143,26 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"wrote {len(images)} images to {path}")
 
 
-def _demo(args: argparse.Namespace) -> None:
+def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # the demo pulls in the classifier and report code only when asked for
 
     result = run_demo(concept=args.concept, out_dir=args.out, n_pairs=args.n_pairs, anchor=args.anchor,
-                      n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps,
+                      all_units=args.all_units, n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps,
                       **_given_options(args))  # fmt: skip
     print("all bars passed" if result["passed"] else "some bars failed")
+    return BARS_FAILED if args.strict and not result["passed"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 on success, 2 on bad input)."""
+    """Run the command line; returns the exit status (0 on success, 1 when `demo --strict` fails a
+    bar, 2 on bad input)."""
     args = _parser().parse_args(argv)
     try:
-        {"fit": _fit, "generate": _generate, "demo": _demo}[args.command](args)
+        status = {"fit": _fit, "generate": _generate, "demo": _demo}[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"acterase {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Three groups of fresh evaluation prompts, none of them used for fitting:
 each a `Rate` dict: value, n, ci_low, ci_high); `non_target_accuracy` (per factor and `all`:
 `before`, `after`, `ratio` = after/before or None); `non_target_distance` (same-seed mean absolute
 pixel difference: `mean`, `max`); `timing` (`fit_s`, `generate_s_per_image_unpatched`,
-`generate_s_per_image_patched`, `total_s`); `mask_density` (per site); `options`; `generation`
+`generate_s_per_image_patched`, `total_s`); `mask_density` (per site); `options`; `all_units`; `generation`
 (steps, guidance, images per group); `pairs`; `seeds` (`fit` and one list per group); `prompts`
 and `predictions` (per group); `model` (architecture, weights and classifier hashes); `versions`;
 `bars` (bar, value, threshold, passed), `passed` (all bars); `files`.
@@ -228,6 +228,7 @@ def run_demo(
     out_dir: str | Path = "runs/demo",
     n_pairs: int = 10,
     anchor: str | None = None,
+    all_units: bool = False,
     n_images: int = 32,
     seed: int = 0,
     num_inference_steps: int | None = None,
@@ -241,7 +242,8 @@ def run_demo(
     per group and the fitted eraser (`eraser/`). `options` are `EraseOptions` fields (`tau`,
     `site_kind`, ...; the paper's defaults otherwise); `num_inference_steps` None keeps the model's;
     `anchor` fixes the value that replaces the concept in the pairs' sources (see
-    `conceptworld_pairs`). `n_images` is per group, so the run generates
+    `conceptworld_pairs`). `all_units` patches every unit of the fitted sites (`Eraser.saturated`:
+    the ceiling of any tau). `n_images` is per group, so the run generates
     `6 * n_images` images (about 3 minutes on 2 CPU cores with the defaults)."""
     if concept not in concepts():
         raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
@@ -257,6 +259,7 @@ def run_demo(
     pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
 
     eraser, fit_s = _timed(lambda: EraserFitter(model, options, progress=progress).fit(pairs))
+    eraser = eraser.saturated() if all_units else eraser
     eraser.save(out / "eraser")
 
     groups = evaluation_groups(concept, n_images, np.random.default_rng(seed + 1), pairs.targets + pairs.sources)
@@ -290,6 +293,7 @@ def run_demo(
         },
         "mask_density": eraser.mask_density(),
         "options": options.to_dict(),
+        "all_units": all_units,
         "generation": {"num_inference_steps": steps, "guidance_scale": guidance, "n_images_per_group": n_images},
         "pairs": {"concept": pairs.concept, "targets": list(pairs.targets), "sources": list(pairs.sources),
                   "seed": seed, "anchor": anchor},

@@ -60,8 +60,10 @@ def load_pipeline(
         directory = conceptworld_dir() / "pipeline"
         if not (directory / "model_index.json").exists():
             raise FileNotFoundError(
-                f"ConceptWorld weights are missing from {directory}; train them with "
-                "`python -m acterase_interp.world.train --out data/conceptworld`"
+                f"ConceptWorld weights are missing from {directory}. They live in the repository's "
+                "data/ folder: install from a clone with `pip install -e .`, or point $ACTERASE_DATA at a "
+                "copy of that folder, or train them with `python -m acterase_interp.world.train --out "
+                "data/conceptworld`"
             )
         source, local_files_only = str(directory), True
     elif Path(source).expanduser().is_dir():

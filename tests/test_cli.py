@@ -17,7 +17,7 @@ from acterase_interp.world.pairs import conceptworld_pairs
 STEPS = "3"
 RESULT_KEYS = {
     "concept", "factor", "target_rate", "paraphrase_rate", "non_target_accuracy", "non_target_distance", "timing",
-    "mask_density", "options", "generation", "pairs", "seeds", "prompts", "predictions", "model", "versions",
+    "mask_density", "options", "all_units", "generation", "pairs", "seeds", "prompts", "predictions", "model", "versions",
     "bars", "passed", "files",
 }  # fmt: skip
 
@@ -105,12 +105,14 @@ def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
 @pytest.mark.slow
 def test_demo_command(tmp_path, capsys):
     argv = ["demo", "--concept", "star", "--n-pairs", "2", "--n-images", "2", "--steps", STEPS, "--out", str(tmp_path),
-            "--site-kind", "attn2_out", "--tau", "0.5", "--anchor", "circle"]  # fmt: skip
-    assert main(argv) == 0
+            "--site-kind", "attn2_out", "--tau", "0.5", "--anchor", "circle", "--all-units", "--strict"]  # fmt: skip
+    status = main(argv)
     out = capsys.readouterr().out
     assert "target rate" in out and ("PASS" in out or "FAIL" in out)
     results = json.loads((tmp_path / "results.json").read_text())
+    assert status == (0 if results["passed"] else 1)  # --strict: a failed bar is exit status 1
     assert set(results) == RESULT_KEYS
+    assert results["all_units"] and set(results["mask_density"].values()) == {1.0}
     assert (results["options"]["site_kind"], results["options"]["tau"]) == ("attn2_out", 0.5)
     assert results["pairs"]["anchor"] == "circle"
     assert all(" circle " in f" {p.replace(',', ' ')} " for p in results["pairs"]["sources"])

@@ -114,6 +114,21 @@ def test_call_is_eq6_on_every_row(eraser, mixed):
     assert torch.equal(out, expected) and not torch.equal(out, x)
 
 
+def test_saturated_replaces_everything_the_values_resolve(eraser, mixed):
+    full = eraser.saturated()
+    assert set(full.mask_density().values()) == {1.0} and full.manifest["saturated"]
+    assert full.statistics is None and eraser.statistics is not None  # the original is untouched
+    assert full.mask_density() != eraser.mask_density()
+    name = "mid.0.ffn_hidden"
+    x = torch.randn(4, *eraser.values[name][0].shape)
+    assert torch.equal(full(name, x), eraser.values[name][0].expand_as(x))
+    per_step = mixed.saturated()
+    assert per_step.masks["unet_out"].shape == mixed.values["unet_out"].shape
+    x = torch.randn(2, 4, 8, 8)
+    expected = mixed.values["unet_out"][1].transpose(0, 1).reshape(1, 4, 8, 8).expand_as(x)
+    assert torch.equal(per_step("unet_out", x, step=1), expected)
+
+
 def test_call_errors(eraser, mixed):
     with pytest.raises(KeyError, match="no site 'mid.0.ffn_out'"):
         eraser("mid.0.ffn_out", torch.zeros(2, 16, 512))

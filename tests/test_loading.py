@@ -68,7 +68,7 @@ def test_missing_local_directory(tmp_path):
 
 def test_missing_conceptworld_weights(tmp_path, monkeypatch):
     monkeypatch.setenv("ACTERASE_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="acterase_interp.world.train"):
+    with pytest.raises(FileNotFoundError, match=r"pip install -e \..*ACTERASE_DATA.*acterase_interp\.world\.train"):
         load("conceptworld")
 
 

@@ -244,6 +244,14 @@ class Eraser:
             if known.get(s.name) != s.module_path:
                 raise ValueError(f"site {s.name!r} ({s.module_path}) does not exist in this model's UNet")
 
+    def saturated(self) -> Eraser:
+        """A copy with every mask entry on: each unit (and token, and step, as far as the values
+        resolve them) is replaced by its value. The ceiling of what any tau can do at these sites:
+        if the concept survives it, no mask there erases it. The fit statistics are dropped: these
+        masks do not come from a threshold."""
+        masks = {n: torch.ones(v.shape, dtype=torch.bool, device=v.device) for n, v in self.values.items()}
+        return replace(self, masks=masks, manifest={**self.manifest, "saturated": True}, statistics=None)
+
     def to(self, device: str | torch.device) -> Eraser:
         """A copy with masks and values on `device` (statistics stay on the CPU)."""
         return replace(
