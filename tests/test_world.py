@@ -155,3 +155,23 @@ def test_bundled_classifier_reads_vae_round_trips():
     for factor in FACTORS:
         accuracy = np.mean([p == getattr(s, factor) for p, s in zip(predicted[factor], scenes)])
         assert accuracy >= 0.98, (factor, accuracy)
+
+
+@pytest.mark.parametrize("frozen", [0, 1])
+def test_train_unet_stage_keeps_a_frozen_text_encoder(tmp_path, frozen):
+    """`--freeze-text-encoder 1` leaves the text encoder at its seeded initial weights; 0 trains it."""
+    import shutil
+
+    from transformers import CLIPTextModel
+
+    from acterase_interp.world import architecture as arch
+    from acterase_interp.world.train import main
+
+    shutil.copytree(conceptworld_dir() / "pipeline" / "vae", tmp_path / "pipeline" / "vae")
+    main(["--out", str(tmp_path), "--stages", "unet", "--n-images", "16", "--batch", "4", "--unet-steps", "2",
+          "--freeze-text-encoder", str(frozen)])  # fmt: skip
+    trained = CLIPTextModel.from_pretrained(tmp_path / "pipeline" / "text_encoder").state_dict()
+    torch.manual_seed(0 + 3)  # train_unet seeds its initial weights with seed + 3, text encoder first
+    initial = arch.build_text_encoder(len(build_tokenizer())).state_dict()
+    same = all(torch.equal(trained[k], initial[k]) for k in initial)
+    assert same == bool(frozen)

@@ -53,6 +53,9 @@ class TrainOptions:
     checkpoint_every: int = 400
     init_from: str = ""
     """A pipeline directory whose UNet and text encoder continue training ("" = from scratch)."""
+    freeze_text_encoder: bool = False
+    """Keep the text encoder at its initial weights, as SD keeps CLIP: the UNet must then decode
+    text features that were not shaped for it (0 / 1 on the command line)."""
 
 
 def _scene_labels(scenes: list[Scene]) -> torch.Tensor:
@@ -184,10 +187,13 @@ def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOption
     scale = vae.config.scaling_factor
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
-    params = list(unet.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(not opts.freeze_text_encoder)
+    trained = [unet] if opts.freeze_text_encoder else [unet, text_encoder]
+    params = [p for m in trained for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=opts.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.unet_steps))
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
+    emas = [copy.deepcopy(m).eval() for m in trained]
+    ema_unet, ema_text = emas[0], emas[1] if len(emas) > 1 else text_encoder.eval()
     losses = []
     for step in (bar := tqdm(range(opts.unet_steps), desc="UNet + text encoder")):
         idx = torch.randint(len(scenes), (opts.batch,), generator=gen)
@@ -208,7 +214,7 @@ def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOption
         sched.step()
         decay = min(opts.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+            for ema, live in zip(emas, trained):
                 for pe, pl in zip(ema.parameters(), live.parameters()):
                     pe.lerp_(pl, 1 - decay)
         if step % 50 == 0:
@@ -224,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("data/conceptworld"))
     for name, default in asdict(TrainOptions()).items():
-        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+        kind = int if isinstance(default, bool) else type(default)  # bool("0") is True: take 0 / 1
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--stages", default=",".join(STAGES), help="comma-separated subset of the stages to run "
                         f"(default: {','.join(STAGES)}); the VAE is loaded from --out when its stage is skipped")
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if unknown := set(stages) - set(STAGES):
         parser.error(f"unknown stage(s) {sorted(unknown)}; choose from {STAGES}")
-    opts = TrainOptions(**{k: getattr(args, k) for k in asdict(TrainOptions())})
+    opts = TrainOptions(**{k: type(v)(getattr(args, k)) for k, v in asdict(TrainOptions()).items()})
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(opts.seed)
