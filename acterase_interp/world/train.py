@@ -195,7 +195,8 @@ def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOption
     emas = [copy.deepcopy(m).eval() for m in trained]
     ema_unet, ema_text = emas[0], emas[1] if len(emas) > 1 else text_encoder.eval()
     losses = []
-    for step in (bar := tqdm(range(opts.unet_steps), desc="UNet" if opts.freeze_text_encoder else "UNet + text encoder")):
+    desc = "UNet" if opts.freeze_text_encoder else "UNet + text encoder"
+    for step in (bar := tqdm(range(opts.unet_steps), desc=desc)):
         idx = torch.randint(len(scenes), (opts.batch,), generator=gen)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
         captions = [training_caption(scenes[i], rng) for i in idx.tolist()]
