@@ -17,8 +17,8 @@ from acterase_interp.world.pairs import conceptworld_pairs
 STEPS = "3"
 RESULT_KEYS = {
     "concept", "factor", "target_rate", "paraphrase_rate", "non_target_accuracy", "non_target_distance", "timing",
-    "mask_density", "options", "all_units", "generation", "pairs", "seeds", "prompts", "predictions", "model", "versions",
-    "bars", "passed", "files",
+    "mask_density", "options", "all_units", "generation", "pairs", "seeds", "prompts", "predictions", "model",
+    "versions", "bars", "passed", "files",
 }  # fmt: skip
 
 
