@@ -81,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--anchor", help="one value of the concept's factor that every source prompt uses instead "
                       "(default: cycle through the others)")
     demo.add_argument("--n-images", type=int, default=32, help="images per evaluation group (default: 32)")
+    demo.add_argument("--model", default="conceptworld", help="'conceptworld' or a pipeline folder trained by "
+                      "acterase_interp.world.train (default: conceptworld)")
     demo.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     demo.add_argument("--all-units", action="store_true",
                       help="patch every unit of the chosen sites: the ceiling of any --tau")
@@ -146,9 +148,9 @@ def _generate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # the demo pulls in the classifier and report code only when asked for
 
-    result = run_demo(concept=args.concept, out_dir=args.out, n_pairs=args.n_pairs, anchor=args.anchor,
-                      all_units=args.all_units, n_images=args.n_images, seed=args.seed, num_inference_steps=args.steps,
-                      **_given_options(args))  # fmt: skip
+    result = run_demo(concept=args.concept, out_dir=args.out, model=args.model, n_pairs=args.n_pairs,
+                      anchor=args.anchor, all_units=args.all_units, n_images=args.n_images, seed=args.seed,
+                      num_inference_steps=args.steps, **_given_options(args))  # fmt: skip
     print("all bars passed" if result["passed"] else "some bars failed")
     return BARS_FAILED if args.strict and not result["passed"] else 0
 

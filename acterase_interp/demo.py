@@ -232,18 +232,19 @@ def run_demo(
     n_images: int = 32,
     seed: int = 0,
     num_inference_steps: int | None = None,
-    model: DiffusionModel | None = None,
+    model: DiffusionModel | str = CONCEPTWORLD,
     classifier: ConceptClassifier | None = None,
     progress: bool = True,
     **options: Any,
 ) -> dict:
     """Erase a ConceptWorld `concept` and measure the result; returns the results dict, also
     written to `out_dir/results.json` with an HTML report (`report.html`), before/after PNG grids
-    per group and the fitted eraser (`eraser/`). `options` are `EraseOptions` fields (`tau`,
-    `site_kind`, ...; the paper's defaults otherwise); `num_inference_steps` None keeps the model's;
-    `anchor` fixes the value that replaces the concept in the pairs' sources (see
-    `conceptworld_pairs`). `all_units` patches every unit of the fitted sites (`Eraser.saturated`:
-    the ceiling of any tau). `n_images` is per group, so the run generates
+    per group and the fitted eraser (`eraser/`). `model` is ConceptWorld, a pipeline folder
+    trained by `acterase_interp.world.train`, or a loaded model. `options` are `EraseOptions`
+    fields (`tau`, `site_kind`, ...; the paper's defaults otherwise); `num_inference_steps` None
+    keeps the model's; `anchor` fixes the value that replaces the concept in the pairs' sources
+    (see `conceptworld_pairs`). `all_units` patches every unit of the fitted sites
+    (`Eraser.saturated`: the ceiling of any tau). `n_images` is per group, so the run generates
     `6 * n_images` images (about 3 minutes on 2 CPU cores with the defaults)."""
     if concept not in concepts():
         raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
@@ -251,7 +252,8 @@ def run_demo(
         raise ValueError(f"n_images and n_pairs must be at least 1, got {n_images} and {n_pairs}")
     start = time.perf_counter()
     out = Path(out_dir)
-    model = model if model is not None else load(CONCEPTWORLD)
+    name = model if isinstance(model, str) else "given"
+    model = load(model) if isinstance(model, str) else model
     classifier = classifier if classifier is not None else ConceptClassifier.load(conceptworld_dir() / "classifier")
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
@@ -301,7 +303,7 @@ def run_demo(
         "prompts": {g.name: list(g.prompts) for g in groups},
         "predictions": {g: {w: {f: list(v) for f, v in p.items()} for w, p in preds[g].items()} for g in preds},
         "model": {
-            "name": CONCEPTWORLD,
+            "name": name,
             "architecture_hash": architecture_hash(model.pipeline),
             "weights_hash": weights_hash(model.pipeline.unet, model.pipeline.text_encoder, model.pipeline.vae),
             "classifier_hash": weights_hash(classifier),

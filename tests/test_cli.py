@@ -61,6 +61,7 @@ def test_generate_writes_a_before_after_grid(eraser_dir, tmp_path):
         (["generate", "--prompt", "a red star", "--compare", "--out", "x.png"], "--compare needs --eraser"),
         (["generate", "--model", "./missing-model", "--prompt", "a red star", "--out", "x.png"], "missing-model"),
         (["demo", "--concept", "hexagon"], "unknown ConceptWorld concept 'hexagon'"),
+        (["demo", "--model", "./missing-model"], "missing-model"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys, monkeypatch, tmp_path):

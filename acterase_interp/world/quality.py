@@ -5,7 +5,8 @@
 Draws `n` random scenes, generates each from its canonical caption and from a held-out
 paraphrase with the same image seed, reads the images with the bundled concept classifier, and
 checks the accuracies against the bars below. Erasure results on ConceptWorld only mean something
-on a model that passes them. Writes the result as JSON (default: data/conceptworld/quality.json).
+on a model that passes them. Writes the result as JSON (default: data/conceptworld/quality.json;
+`--model DIR`: DIR/quality.json).
 """
 
 from __future__ import annotations
@@ -154,18 +155,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 20)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, 3.0)")
     parser.add_argument("--all-templates", action="store_true", help="also evaluate canonical templates 1-3")
+    parser.add_argument("--model", default="conceptworld", help="'conceptworld' or a pipeline folder trained by "
+                        "acterase_interp.world.train (default: conceptworld)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: data/conceptworld/quality.json)")
+    parser.add_argument("--out", type=Path, default=None, help="JSON path (default: quality.json in "
+                        "data/conceptworld, or in the --model folder)")
     parser.add_argument("--grid", type=Path, default=None, help="also write a PNG of the first 16 images per row")
     args = parser.parse_args(argv)
 
-    model = loading.load("conceptworld", device=args.device)
+    model = loading.load(args.model, device=args.device)
     classifier = ConceptClassifier.load(loading.conceptworld_dir() / "classifier").to(args.device)
     options = (args.n, args.seed, args.steps, args.guidance, args.all_templates)
     result, images = _evaluate(model, classifier, *options, progress=True)
     print(markdown_table(result))
     print(f"\n{'PASS' if result['passed'] else 'FAIL'}; generation took {result['generation_seconds']:.1f} s")
-    out = args.out or loading.conceptworld_dir() / "quality.json"
+    shipped = args.model == loading.CONCEPTWORLD
+    out = args.out or (loading.conceptworld_dir() if shipped else Path(args.model)) / "quality.json"
     atomic_write_json(result, out)
     print(f"wrote {out}")
     if args.grid:
