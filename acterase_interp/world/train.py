@@ -193,7 +193,8 @@ def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOption
     opt = torch.optim.AdamW(params, lr=opts.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.unet_steps))
     emas = [copy.deepcopy(m).eval() for m in trained]
-    ema_unet, ema_text = emas[0], emas[1] if len(emas) > 1 else text_encoder.eval()
+    ema_unet = emas[0]
+    ema_text = text_encoder.eval() if opts.freeze_text_encoder else emas[1]  # frozen: saved as initialised
     losses = []
     desc = "UNet" if opts.freeze_text_encoder else "UNet + text encoder"
     for step in (bar := tqdm(range(opts.unet_steps), desc=desc)):
