@@ -1,8 +1,9 @@
-"""The `acterase` command: fit an eraser, generate with it, or run the ConceptWorld demo.
+"""The `acterase` command: fit an eraser, generate with it, run the ConceptWorld demo, or plant a concept.
 
     acterase fit --model conceptworld --pairs conceptworld_triangle --out runs/triangle
     acterase generate --model conceptworld --prompt "a red triangle" --eraser runs/triangle --compare --out grid.png
-    acterase demo --concept triangle --out runs/demo
+    acterase demo --concept moon --out runs/demo
+    acterase plant --model DIR --concept heart --family ffn_units --blocks up.0.0 --units 32 --out DIR2
 
 Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2;
 `acterase demo --strict` exits with 1 when an erasure bar fails.
@@ -25,7 +26,9 @@ from .erase.pairs import PromptPairs
 from .generation import generate
 from .loading import load
 from .report import labelled_grid_png
+from .plant import PLANT_FAMILIES, PlantSpec
 from .sites import SITE_KINDS
+from .world.factors import PLANTABLE
 
 USAGE_ERROR = 2
 BARS_FAILED = 1
@@ -42,8 +45,18 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")  # fmt: skip
 
 
+def _tau(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"tau must be a number or 'auto', got {text!r}") from None
+
+
 def _add_erase_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tau", type=float, help="importance threshold (default: 0.01)")
+    p.add_argument("--tau", type=_tau, help="importance threshold (fit default: 0.01; demo default: auto, the "
+                   "smallest tau that erases the concept from the fit pairs' own targets)")
     p.add_argument("--tau-mode", choices=TAU_MODES)
     p.add_argument("--site-kind", choices=SITE_KINDS, help="where to patch (default: ffn_hidden)")
     p.add_argument("--granularity", choices=GRANULARITIES)
@@ -75,7 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", required=True, help="PNG file to write")
 
     demo = sub.add_parser("demo", help="erase a ConceptWorld concept and report how well it worked")
-    demo.add_argument("--concept", default="triangle", help="a ConceptWorld shape, color or background")
+    demo.add_argument("--concept", help="a ConceptWorld shape, color or background "
+                      "(default: moon, planted in 32 FFN units of two blocks)")
+    demo.add_argument("--beside", help="a natural concept reported beside it under the same recipe and the FFN "
+                      "and cross-attention ceilings (default: triangle; none: skip)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     demo.add_argument("--n-pairs", type=int, default=10, help="prompt pairs to fit on (default: 10)")
     demo.add_argument("--anchor", help="one value of the concept's factor that every source prompt uses instead "
@@ -88,6 +104,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="patch every unit of the chosen sites: the ceiling of any --tau")
     demo.add_argument("--strict", action="store_true", help="exit with 1 when a bar fails")
     _add_erase_options(demo)
+
+    plant = sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only")
+    plant.add_argument("--model", required=True, help="a ConceptWorld pipeline folder (or conceptworld)")
+    plant.add_argument("--out", required=True, help="folder to write the planted pipeline to")
+    plant.add_argument("--concept", help=f"a plantable value: {', '.join(v for vs in PLANTABLE.values() for v in vs)}")
+    plant.add_argument("--shipped", action="store_true", help="plant the default model's three concepts instead")
+    plant.add_argument("--family", choices=PLANT_FAMILIES, default="ffn", help="which weights train (default: ffn)")
+    plant.add_argument("--blocks", nargs="+", help="transformer blocks (default: all)")
+    plant.add_argument("--units", type=int, help="ffn_units: hidden units per block")
+    plant.add_argument("--steps", type=int, default=600)
+    plant.add_argument("--lr", type=float, default=5e-4)
+    plant.add_argument("--batch", type=int, default=64)
+    plant.add_argument("--n-images", type=int, default=6000, help="training images (default: 6000, 1/6 of them new)")
+    plant.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -97,6 +127,8 @@ def _given_options(args: argparse.Namespace) -> dict:
 
 
 def _options(args: argparse.Namespace) -> EraseOptions:
+    if args.tau == "auto":
+        raise ValueError("--tau auto needs a concept classifier to judge the fit targets: use it with `acterase demo`")
     return EraseOptions(num_inference_steps=args.steps, guidance_scale=args.guidance, seed=args.seed,
                         **_given_options(args))  # fmt: skip
 
@@ -148,11 +180,36 @@ def _generate(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo  # the demo pulls in the classifier and report code only when asked for
 
-    result = run_demo(concept=args.concept, out_dir=args.out, model=args.model, n_pairs=args.n_pairs,
+    chosen = {"concept": args.concept} if args.concept else {}
+    if args.beside:
+        chosen["beside"] = None if args.beside.lower() == "none" else args.beside
+    result = run_demo(**chosen, out_dir=args.out, model=args.model, n_pairs=args.n_pairs,
                       anchor=args.anchor, all_units=args.all_units, n_images=args.n_images, seed=args.seed,
                       num_inference_steps=args.steps, **_given_options(args))  # fmt: skip
     print("all bars passed" if result["passed"] else "some bars failed")
     return BARS_FAILED if args.strict and not result["passed"] else 0
+
+
+def _plant(args: argparse.Namespace) -> None:
+    from .world.architecture import save_world
+    from .world.planting import plant_concept, plant_shipped
+
+    if args.shipped == bool(args.concept):
+        raise ValueError("give either --concept or --shipped")
+    spec = None if args.shipped else PlantSpec(args.family, tuple(args.blocks) if args.blocks else None, args.units,
+                                                args.steps, args.lr, args.batch, args.seed)  # fmt: skip
+    model = load(args.model)
+    if spec is None:
+        records = plant_shipped(model)
+    else:
+        known = [r["concept"] for r in model.planted]
+        records = [plant_concept(model.pipeline, args.concept, spec, known, args.n_images)]
+        model.planted.append(records[0].to_dict())
+    save_world(model.pipeline, args.out, model.planted)
+    for r in records:
+        print(f"planted {r.concept!r} in {r.spec['family']} of {', '.join(r.blocks)}: {r.trained_values} weights "
+              f"trained, all others bit-identical, {r.seconds:.0f} s")
+    print(f"wrote {args.out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -160,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar, 2 on bad input)."""
     args = _parser().parse_args(argv)
     try:
-        status = {"fit": _fit, "generate": _generate, "demo": _demo}[args.command](args)
+        commands = {"fit": _fit, "generate": _generate, "demo": _demo, "plant": _plant}
+        status = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"acterase {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR

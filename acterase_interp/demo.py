@@ -1,5 +1,7 @@
-"""The end-to-end demo on ConceptWorld: fit an eraser for one concept, generate the same seeds
-with and without it, read the images with the bundled classifier, and check the erasure bars.
+"""The end-to-end demo on ConceptWorld: fit an eraser for one concept (by default the moon, planted
+in 32 FFN hidden units of two blocks), choose tau on the fit pairs, generate the same seeds with and
+without it, read the images with the bundled classifier, and check the erasure bars; then show a
+natural concept beside it (the triangle), which this recipe does not reach.
 
 Three groups of fresh evaluation prompts, none of them used for fitting:
 
@@ -14,7 +16,9 @@ pixel difference: `mean`, `max`); `timing` (`fit_s`, `generate_s_per_image_unpat
 `generate_s_per_image_patched`, `total_s`); `mask_density` (per site); `options`; `all_units`; `generation`
 (steps, guidance, images per group); `pairs`; `seeds` (`fit` and one list per group); `prompts`
 and `predictions` (per group); `model` (architecture, weights and classifier hashes); `versions`;
-`bars` (bar, value, threshold, passed), `passed` (all bars); `files`.
+`bars` (bar, value, threshold, passed), `passed` (all bars); `files`; `planted` (the concept's
+planting record, or None); `tau_choice` (rule and trace of the tau choice, or None for a given tau);
+`beside` (the natural concept under the same recipe and the FFN and cross-attention ceilings, or None).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import hashlib
 import itertools
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,8 @@ import torch
 from nnsight import DiffusionModel
 
 from .erase.fit import EraserFitter
-from .erase.options import EraseOptions
+from .erase.options import EraseOptions, check_tau
+from .erase.select import SELECT_SEED_OFFSET, choose_tau
 from .generation import generate
 from .io import atomic_write_json
 from .loading import CONCEPTWORLD, architecture_hash, conceptworld_dir, load
@@ -41,9 +46,15 @@ from .provenance import library_versions
 from .report import html_report, image_grid, labelled_grid_png
 from .world.captions import paraphrase
 from .world.classifier import ConceptClassifier
-from .world.factors import FACTORS, Scene, factor_of
+from .world.factors import FACTORS, NATURAL, Scene, factor_of
 from .world.pairs import canonical_prompt, concept_scenes, concepts, conceptworld_pairs, other_value_scenes
 
+DEFAULT_CONCEPT = "moon"
+"""Planted in 32 hidden units of two FFNs: the case ActErase's premise describes (a concept computed
+by a few FFN units), with its ground truth known."""
+DEFAULT_BESIDE = "triangle"
+"""A natural concept, reported beside: it reaches the image through cross-attention instead."""
+AUTO = "auto"
 EVAL_SEED_OFFSET = 1000
 """Evaluation image k uses seed `seed + EVAL_SEED_OFFSET + k`: disjoint from the fitting seeds."""
 GROUPS = ("target", "paraphrase", "non_target")
@@ -78,7 +89,7 @@ def evaluation_groups(concept: str, n_images: int, rng: np.random.Generator, exc
     scenes = concept_scenes(concept, rng)
     targets = _cycle([st for st in scenes if canonical_prompt(*st) not in excluded], n_images)
     paraphrased = _cycle(concept_scenes(concept, rng), n_images)
-    every_other = (len(FACTORS[factor_of(concept)]) - 1) * len(scenes)  # each value has as many scenes
+    every_other = sum(v != concept for v in NATURAL[factor_of(concept)]) * len(scenes)  # as many scenes each
     others = _cycle([st for st in other_value_scenes(concept, every_other, rng)
                      if canonical_prompt(*st) not in excluded], n_images)  # fmt: skip
     return [
@@ -152,7 +163,10 @@ def _table(results: dict) -> list[dict]:
     rows += [
         {"measure": "non-target same-seed distance (mean abs. pixel)", "before": "", "after": f"{d['mean']:.4f}",
          "after/before": ""},
-        {"measure": "fit time (s)", "before": "", "after": f"{tm['fit_s']:.1f}", "after/before": ""},
+        {"measure": "tau" + (" (auto: chosen on the fit pairs)" if results["tau_choice"] else ""), "before": "",
+         "after": str(results["options"]["tau"]) if not results["all_units"] else "every unit", "after/before": ""},
+        {"measure": "fit time (s)" + (", with tau choice" if results["tau_choice"] else ""), "before": "",
+         "after": f"{tm['fit_s']:.1f}", "after/before": ""},
         {"measure": "generation time per image (s)", "before": f"{tm['generate_s_per_image_unpatched']:.3f}",
          "after": f"{tm['generate_s_per_image_patched']:.3f}",
          "after/before": f"{tm['generate_s_per_image_patched'] / tm['generate_s_per_image_unpatched']:.2f}"},
@@ -173,14 +187,37 @@ def _print_table(rows: list[dict], bars: list[dict]) -> None:
         print(f"{'PASS' if bar['passed'] else 'FAIL'}  {bar['bar']}: {_fmt(bar['value'])} (needs {bar['threshold']})")
 
 
+def _beside_rows(beside: dict) -> list[dict]:
+    def pct(rate: dict) -> str:
+        return f"{100 * rate['value']:.1f}%"
+
+    rows = []
+    for name, m in beside["variants"].items():
+        kept = " / ".join(_fmt(m["non_target_accuracy"][f]["ratio"]) for f in FACTORS)
+        rows.append({"eraser": name, "target before": pct(m["target_rate"]["before"]),
+                     "target after": pct(m["target_rate"]["after"]), "paraphrase after": pct(m["paraphrase_rate"]["after"]),
+                     "non-target kept (shape / color / background)": kept})  # fmt: skip
+    return rows
+
+
+def _print_beside(beside: dict) -> None:
+    tau = (beside["tau_choice"] or {}).get("tau")
+    print(f"\nbeside: the natural concept {beside['concept']!r}" + (f" (auto tau {tau})" if tau else ""))
+    for row in _beside_rows(beside):
+        print("  " + "; ".join(f"{k}: {v}" for k, v in row.items()))
+
+
 def _labels(preds: dict[str, list[str]], factor: str, tag: str) -> list[str]:
     return [f"{tag}: {v}" for v in preds[factor]]
 
 
 def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dict, preds: dict) -> Path:
     factor = results["factor"]
+    planted = results["planted"]
+    where = (f" It was planted in the {planted['spec']['family']} weights of {', '.join(planted['blocks'])}."
+             if planted else " It is a natural concept (not planted).")  # fmt: skip
     sections: list = [
-        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase: the same seeds "
+        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase.{where} The same seeds "
                     "without and with the eraser; tiles are labelled with the classifier's reading of the "
                     f"{factor}.\n\n" + "\n".join(
                         f"- {'PASS' if b['passed'] else 'FAIL'}: {b['bar']} = {_fmt(b['value'])} "
@@ -197,6 +234,12 @@ def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dic
         labels = _labels(preds[group.name]["before"], factor, "before")[:k]
         labels += _labels(preds[group.name]["after"], factor, "after")[:k]
         labelled_grid_png(both, labels, out / f"{group.name}.png", rows=2)
+    if results.get("beside"):
+        b = results["beside"]
+        sections.append((f"Beside: the natural {b['factor']} {b['concept']!r}",
+                         "The same recipe on a concept that was not planted, and the two ceilings: every FFN hidden "
+                         "unit replaced, and every cross-attention output replaced."))  # fmt: skip
+        sections.append((f"{b['concept']}: erasers", _beside_rows(b)))
     sections.append(("Prompts", [{"group": g.name, "seed": s, "prompt": p}
                                  for g in groups for s, p in zip(results["seeds"][g.name], g.prompts)]))  # fmt: skip
     return html_report(out / "report.html", f"ActErase demo: {results['concept']}", sections)
@@ -223,8 +266,93 @@ def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) ->
     }
 
 
+def _shows(classifier: ConceptClassifier, concept: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    factor = factor_of(concept)
+    return lambda images: torch.tensor([v == concept for v in classifier.predict(images)[factor]])
+
+
+@dataclass
+class _Evaluation:
+    """Fresh evaluation prompts for one concept, with their unpatched images generated once."""
+
+    groups: list[EvalGroup]
+    seeds: list[int]
+    before: torch.Tensor
+    before_s: float
+
+    @property
+    def prompts(self) -> list[str]:
+        return [p for g in self.groups for p in g.prompts]
+
+
+def _evaluation(model, concept: str, pairs, n_images: int, seed: int, steps: int, guidance: float,
+                progress: bool) -> _Evaluation:  # fmt: skip
+    groups = evaluation_groups(concept, n_images, np.random.default_rng(seed + 1), pairs.targets + pairs.sources)
+    prompts = [p for g in groups for p in g.prompts]
+    seeds = [seed + EVAL_SEED_OFFSET + k for k in range(len(prompts))]
+    generate(model, prompts[:1], seeds=seeds[:1], num_inference_steps=steps, progress=False)  # warm-up: fair timings
+    before, before_s = _timed(lambda: generate(model, prompts, seeds=seeds, num_inference_steps=steps,
+                                               guidance_scale=guidance, progress=progress))  # fmt: skip
+    return _Evaluation(groups, seeds, before, before_s)
+
+
+def _erased(model, ev: _Evaluation, eraser, classifier, steps: int, guidance: float, progress: bool):
+    """(images, predictions, seeds) per group and "before"/"after", and the patched seconds."""
+    with eraser.applied(model):
+        after, after_s = _timed(lambda: generate(model, ev.prompts, seeds=ev.seeds, num_inference_steps=steps,
+                                                 guidance_scale=guidance, progress=progress))  # fmt: skip
+    n = len(ev.prompts) // len(ev.groups)
+    images, preds, seeds = {}, {}, {}
+    for i, group in enumerate(ev.groups):
+        rows = slice(i * n, (i + 1) * n)
+        images[group.name] = {"before": ev.before[rows], "after": after[rows]}
+        preds[group.name] = {w: classifier.predict(x) for w, x in images[group.name].items()}
+        seeds[group.name] = ev.seeds[rows]
+    return images, preds, seeds, after_s
+
+
+def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: float | str, classifier,
+         progress: bool, **options: Any):  # fmt: skip
+    """(pairs, eraser, fit seconds, tau choice or None) for `concept`; tau "auto" is `choose_tau` on the fit pairs."""
+    pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
+    auto = tau == AUTO
+    opts = EraseOptions(seed=seed, **options, **({} if auto else {"tau": tau}))
+    eraser, fit_s = _timed(lambda: EraserFitter(model, opts, progress=progress).fit(pairs))
+    choice = None
+    if auto:
+        start = time.perf_counter()
+        choice = choose_tau(model, eraser, pairs, _shows(classifier, concept), seed=seed,
+                            num_inference_steps=opts.num_inference_steps)  # fmt: skip
+        eraser, fit_s = choice.eraser, fit_s + time.perf_counter() - start
+    return pairs, eraser, fit_s, choice
+
+
+def _beside(model, concept: str, classifier, n_pairs: int, n_images: int, seed: int, steps: int, guidance: float,
+            tau: float | str, progress: bool, options: dict) -> dict:  # fmt: skip
+    """A natural concept under the same recipe, under every FFN unit replaced, and under every
+    cross-attention output replaced: what the FFN default does there, and where it lives instead."""
+    pairs, eraser, _, choice = _fit(model, concept, n_pairs, seed, None, tau, classifier, progress, **options)
+    cross = EraserFitter(model, replace(eraser_options(eraser), site_kind="attn2_out"), progress=progress).fit(pairs)
+    ev = _evaluation(model, concept, pairs, n_images, seed, steps, guidance, progress)
+    variants = {
+        "same recipe": eraser,
+        "every FFN hidden unit replaced": eraser.saturated(),
+        "every cross-attention output replaced": cross.saturated(),
+    }
+    rows = {}
+    for name, e in variants.items():
+        images, preds, _, _ = _erased(model, ev, e, classifier, steps, guidance, progress)
+        rows[name] = measure(concept, ev.groups, images, preds)
+    return {"concept": concept, "factor": factor_of(concept), "tau_choice": choice and choice.to_dict(),
+            "variants": rows, "prompts": {g.name: list(g.prompts) for g in ev.groups}}  # fmt: skip
+
+
+def eraser_options(eraser) -> EraseOptions:
+    return EraseOptions.from_dict(eraser.manifest["options"])
+
+
 def run_demo(
-    concept: str = "triangle",
+    concept: str = DEFAULT_CONCEPT,
     out_dir: str | Path = "runs/demo",
     n_pairs: int = 10,
     anchor: str | None = None,
@@ -235,21 +363,29 @@ def run_demo(
     model: DiffusionModel | str = CONCEPTWORLD,
     classifier: ConceptClassifier | None = None,
     progress: bool = True,
+    tau: float | str = AUTO,
+    beside: str | None = DEFAULT_BESIDE,
     **options: Any,
 ) -> dict:
-    """Erase a ConceptWorld `concept` and measure the result; returns the results dict, also
-    written to `out_dir/results.json` with an HTML report (`report.html`), before/after PNG grids
-    per group and the fitted eraser (`eraser/`). `model` is ConceptWorld, a pipeline folder
-    trained by `acterase_interp.world.train`, or a loaded model. `options` are `EraseOptions`
-    fields (`tau`, `site_kind`, ...; the paper's defaults otherwise); `num_inference_steps` None
-    keeps the model's; `anchor` fixes the value that replaces the concept in the pairs' sources
-    (see `conceptworld_pairs`). `all_units` patches every unit of the fitted sites
-    (`Eraser.saturated`: the ceiling of any tau). `n_images` is per group, so the run generates
-    `6 * n_images` images (about 3 minutes on 2 CPU cores with the defaults)."""
-    if concept not in concepts():
-        raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
+    """Erase a ConceptWorld `concept` (default: the moon planted in 32 FFN units of two blocks) and
+    measure the result; returns the results dict, also written to `out_dir/results.json` with an
+    HTML report (`report.html`), before/after PNG grids per group and the fitted eraser (`eraser/`).
+    `model` is ConceptWorld, a pipeline folder, or a loaded model. `tau` "auto" (default) takes the
+    smallest tau that erases the concept from the fit pairs' own targets (`choose_tau`; held-out
+    prompts and evaluation seeds are never looked at); a number fixes it. `options` are other
+    `EraseOptions` fields (`site_kind`, ...; the paper's defaults otherwise); `num_inference_steps`
+    None keeps the model's; `anchor` fixes the value that replaces the concept in the pairs'
+    sources (see `conceptworld_pairs`). `all_units` patches every unit of the fitted sites
+    (`Eraser.saturated`: the ceiling of any tau). `beside` names a natural concept reported under
+    the same recipe and the two ceilings (`results["beside"]`; None or the concept itself skips it).
+    `n_images` is per group."""
+    for c in (concept, beside):
+        if c is not None and c not in concepts():
+            raise ValueError(f"unknown ConceptWorld concept {c!r}; choose from {', '.join(concepts())}")
     if n_images < 1 or n_pairs < 1:
         raise ValueError(f"n_images and n_pairs must be at least 1, got {n_images} and {n_pairs}")
+    if tau != AUTO:
+        check_tau(tau, options.get("tau_mode", "fraction"))
     start = time.perf_counter()
     out = Path(out_dir)
     name = model if isinstance(model, str) else "given"
@@ -257,50 +393,33 @@ def run_demo(
     classifier = classifier if classifier is not None else ConceptClassifier.load(conceptworld_dir() / "classifier")
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
-    options = EraseOptions(num_inference_steps=steps, guidance_scale=guidance, seed=seed, **options)
-    pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
-
-    eraser, fit_s = _timed(lambda: EraserFitter(model, options, progress=progress).fit(pairs))
+    options = {**options, "num_inference_steps": steps, "guidance_scale": guidance}
+    pairs, eraser, fit_s, choice = _fit(model, concept, n_pairs, seed, anchor, tau, classifier, progress, **options)
     eraser = eraser.saturated() if all_units else eraser
     eraser.save(out / "eraser")
 
-    groups = evaluation_groups(concept, n_images, np.random.default_rng(seed + 1), pairs.targets + pairs.sources)
-    prompts = [p for g in groups for p in g.prompts]
-    seeds = [seed + EVAL_SEED_OFFSET + k for k in range(len(prompts))]
-
-    def run() -> torch.Tensor:
-        return generate(model, prompts, seeds=seeds, num_inference_steps=steps, guidance_scale=guidance,
-                        progress=progress)  # fmt: skip
-
-    generate(model, prompts[:1], seeds=seeds[:1], num_inference_steps=steps, progress=False)  # warm-up: fair timings
-    before, gen_before_s = _timed(run)
-    with eraser.applied(model):
-        after, gen_after_s = _timed(run)
-
-    images, preds, seeds_by_group = {}, {}, {}
-    for i, group in enumerate(groups):
-        rows = slice(i * n_images, (i + 1) * n_images)
-        images[group.name] = {"before": before[rows], "after": after[rows]}
-        preds[group.name] = {w: classifier.predict(x) for w, x in images[group.name].items()}
-        seeds_by_group[group.name] = seeds[rows]
-
+    ev = _evaluation(model, concept, pairs, n_images, seed, steps, guidance, progress)
+    images, preds, seeds_by_group, gen_after_s = _erased(model, ev, eraser, classifier, steps, guidance, progress)
+    prompts = ev.prompts
     results = {
         "concept": concept,
         "factor": factor_of(concept),
-        **measure(concept, groups, images, preds),
+        "planted": next((r for r in model.planted if r["concept"] == concept), None),
+        **measure(concept, ev.groups, images, preds),
         "timing": {
             "fit_s": fit_s,
-            "generate_s_per_image_unpatched": gen_before_s / len(prompts),
+            "generate_s_per_image_unpatched": ev.before_s / len(prompts),
             "generate_s_per_image_patched": gen_after_s / len(prompts),
         },
         "mask_density": eraser.mask_density(),
-        "options": options.to_dict(),
+        "options": eraser_options(eraser).to_dict(),
+        "tau_choice": choice and choice.to_dict(),
         "all_units": all_units,
         "generation": {"num_inference_steps": steps, "guidance_scale": guidance, "n_images_per_group": n_images},
         "pairs": {"concept": pairs.concept, "targets": list(pairs.targets), "sources": list(pairs.sources),
                   "seed": seed, "anchor": anchor},
-        "seeds": {"fit": seed, **seeds_by_group},
-        "prompts": {g.name: list(g.prompts) for g in groups},
+        "seeds": {"fit": seed, "tau_selection_offset": SELECT_SEED_OFFSET, **seeds_by_group},
+        "prompts": {g.name: list(g.prompts) for g in ev.groups},
         "predictions": {g: {w: {f: list(v) for f, v in p.items()} for w, p in preds[g].items()} for g in preds},
         "model": {
             "name": name,
@@ -312,11 +431,17 @@ def run_demo(
     }
     results["bars"] = check_bars(results)
     results["passed"] = all(b["passed"] for b in results["bars"])
-    report = _write_report(out, results, groups, images, preds)
+    use_beside = beside is not None and beside != concept
+    results["beside"] = (_beside(model, beside, classifier, n_pairs, n_images, seed, steps, guidance, tau, progress,
+                                 {k: v for k, v in options.items() if k != "site_kind"})
+                         if use_beside else None)  # fmt: skip
+    report = _write_report(out, results, ev.groups, images, preds)
     results["timing"]["total_s"] = time.perf_counter() - start
     results["files"] = {"results": str(out / "results.json"), "report": str(report), "eraser": str(out / "eraser"),
                         "grids": [str(out / f"{g}.png") for g in GROUPS]}  # fmt: skip
     atomic_write_json(results, out / "results.json")
     _print_table(_table(results), results["bars"])
+    if results["beside"]:
+        _print_beside(results["beside"])
     print(f"total {results['timing']['total_s']:.1f} s; report: {report}")
     return results

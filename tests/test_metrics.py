@@ -151,11 +151,21 @@ def test_factor_accuracy_of_bundled_classifier_on_clean_renders():
 def test_quality_prompts_share_seeds_and_differ_in_wording():
     scenes, prompts, seeds = quality.quality_prompts(5, seed=3, all_templates=True)
     assert (scenes, prompts, seeds) == quality.quality_prompts(5, seed=3, all_templates=True)
-    assert list(prompts) == ["canonical", "paraphrase", "template 1", "template 2", "template 3"]
+    assert list(prompts) == ["canonical", "paraphrase", "zero-shot", "template 1", "template 2", "template 3"]
     assert all(len(row) == 5 for row in prompts.values()) and len(seeds) == 5
     assert prompts["canonical"] == [canonical(s) for s in scenes]
     assert prompts["template 2"] == [canonical(s, 2) for s in scenes]
     assert not set(prompts["canonical"]) & set(prompts["paraphrase"])
+    assert not set(prompts["zero-shot"]) & (set(prompts["canonical"]) | set(prompts["paraphrase"]))
+
+
+def test_planted_prompts_show_the_concept():
+    rows = quality.planted_prompts(["heart", "cyan"], 6, seed=0)
+    assert list(rows) == ["heart", "cyan"]
+    scenes, prompts, seeds = rows["heart"]
+    assert all(s.shape == "heart" for s in scenes) and all("heart" in p for p in prompts) and len(seeds) == 6
+    assert all(s.color == "cyan" for s in rows["cyan"][0])
+    assert rows == quality.planted_prompts(["heart", "cyan"], 6, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -166,22 +176,23 @@ def conceptworld():
 @needs_model
 def test_evaluate_quality_small_run(conceptworld):
     model, classifier = conceptworld
-    result = quality.evaluate_quality(model, classifier, n=4, seed=0, steps=2, progress=False)
+    result = quality.evaluate_quality(model, classifier, n=4, seed=0, steps=2, n_planted=3, progress=False)
     assert set(result) == {"rows", "bars", "passed", "options", "image_seeds", "scenes", "prompts",
-                           "generation_seconds", "model_architecture", "versions"}  # fmt: skip
-    assert set(result["rows"]) == {"canonical", "paraphrase"}
-    for row in result["rows"].values():
+                           "generation_seconds", "model_architecture", "versions", "planted"}  # fmt: skip
+    planted = [f"planted {r['concept']}" for r in model.planted]
+    assert list(result["rows"]) == ["canonical", "paraphrase", "zero-shot", *planted]
+    for name, row in result["rows"].items():
         assert set(row) == {"shape", "color", "background", "all"}
-        assert all(Rate(**r).n == 4 for r in row.values())
-    assert len(result["bars"]) == 5
+        assert all(Rate(**r).n == (3 if name in planted else 4) for r in row.values())
+    assert len(result["bars"]) == 5 + len(planted)
     assert result["passed"] == all(b["passed"] for b in result["bars"])
-    assert result["options"] == {"n": 4, "seed": 0, "steps": 2, "guidance": model.defaults.guidance_scale,
-                                 "all_templates": False}  # fmt: skip
-    assert result["image_seeds"] == quality.quality_prompts(4, 0)[2]
+    assert result["options"] == {"n": 4, "n_planted": 3, "seed": 0, "steps": 2,
+                                 "guidance": model.defaults.guidance_scale, "all_templates": False}  # fmt: skip
+    assert result["image_seeds"]["canonical"] == quality.quality_prompts(4, 0)[2]
     json.dumps(result)  # JSON-ready
     table = quality.markdown_table(result)
-    assert "| canonical |" in table and "| paraphrase |" in table
-    assert table.count("PASS") + table.count("FAIL") == 5
+    assert "| canonical |" in table and "| zero-shot |" in table
+    assert table.count("PASS") + table.count("FAIL") == 5 + len(planted)
 
 
 @needs_model

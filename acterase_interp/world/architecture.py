@@ -6,6 +6,7 @@ and up blocks (7 transformer blocks in all); DPM-Solver++ for sampling.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,15 +17,17 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import BertModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..io import atomic_write_json
-from ..loading import DEFAULTS_FILE, GenerationDefaults
+from ..loading import CONFIG_KEY, DEFAULTS_FILE, PLANTED_FILE, GenerationDefaults
+from . import text_encoder
 from .tokenizer import MAX_LENGTH
 
 TEXT_WIDTH = 64
 DEFAULT_GUIDANCE = 3.0  # guidance 7.5 over-saturates a model this small
 DEFAULT_STEPS = 20
+DEFAULTS = GenerationDefaults(DEFAULT_STEPS, DEFAULT_GUIDANCE, height=32, width=32)
 
 _SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
@@ -59,7 +62,7 @@ def build_text_encoder(vocab_size: int) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_unet() -> UNet2DConditionModel:
+def build_unet(cross_attention_dim: int = TEXT_WIDTH) -> UNet2DConditionModel:
     return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
@@ -69,7 +72,7 @@ def build_unet() -> UNet2DConditionModel:
         block_out_channels=(64, 128),
         layers_per_block=1,
         norm_num_groups=16,
-        cross_attention_dim=TEXT_WIDTH,
+        cross_attention_dim=cross_attention_dim,
         attention_head_dim=8,
     )
 
@@ -84,8 +87,32 @@ def build_sample_scheduler() -> DPMSolverMultistepScheduler:
 
 def write_defaults(directory: Path) -> None:
     """Record ConceptWorld's generation defaults beside its pipeline, where `load` reads them."""
-    defaults = GenerationDefaults(DEFAULT_STEPS, DEFAULT_GUIDANCE, height=32, width=32)
-    atomic_write_json(asdict(defaults), Path(directory) / DEFAULTS_FILE)
+    atomic_write_json(asdict(DEFAULTS), Path(directory) / DEFAULTS_FILE)
+
+
+def save_world(pipeline: StableDiffusionPipeline, directory: Path, planted: list[dict] | None = None) -> None:
+    """Save a ConceptWorld pipeline with its generation defaults and planted records, whole or not
+    at all (written beside, then swapped in). A frozen MiniLM encoder is not copied (90 MB):
+    `text_encoder.json` names the wheel that `loading.load` takes it from."""
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    manifest = {**(pipeline.unet.config.get(CONFIG_KEY) or {}), "defaults": asdict(DEFAULTS), "planted": planted or []}
+    pipeline.unet.register_to_config(**{CONFIG_KEY: manifest})
+    pipeline.save_pretrained(tmp, safe_serialization=True)
+    write_defaults(tmp)
+    if planted:
+        atomic_write_json({"planted": planted}, tmp / PLANTED_FILE)
+    if isinstance(pipeline.text_encoder, BertModel):
+        for part in ("text_encoder", "tokenizer"):
+            shutil.rmtree(tmp / part)
+        frozen = {"package": text_encoder.PACKAGE, "sha256": text_encoder.SHA256}
+        atomic_write_json(frozen, tmp / text_encoder.FROZEN_ENCODER_FILE)
+    old = directory.with_name(directory.name + ".old")
+    if directory.exists():
+        directory.rename(old)
+    tmp.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def assemble(

@@ -8,6 +8,8 @@ never seen in training: they are the held-out paraphrases that evaluation and er
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from .factors import Scene
@@ -28,7 +30,37 @@ WORDS: dict[str, tuple[str, ...]] = {
     "stripes": ("striped", "lined"),
     "dots": ("dotted", "spotted"),
     "checkerboard": ("checkered", "chequered"),
+    # plantable: a model knows these words only once the concept is planted
+    "heart": ("heart", "heart shape", "love heart"),
+    "moon": ("moon", "crescent", "crescent moon"),
+    "cyan": ("cyan", "turquoise"),
 }
+
+# Zero-shot phrasings: words and templates that no training caption contains. The frozen pretrained
+# encoder has seen them in its own pretraining; the UNet has not.
+ZERO_SHOT_WORDS: dict[str, str] = {
+    "circle": "orb",
+    "square": "quadrilateral",
+    "triangle": "pyramid shape",
+    "star": "pentagram",
+    "cross": "crucifix",
+    "red": "scarlet",
+    "green": "lime",
+    "blue": "cobalt",
+    "yellow": "lemon",
+    "purple": "lilac",
+    "plain": "solid",
+    "stripes": "banded",
+    "dots": "polka dot",
+    "checkerboard": "chessboard",
+    "heart": "valentine",
+    "moon": "half moon",
+    "cyan": "aqua",
+}
+ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
+    "an image showing a {obj} against a {bg} background",
+    "there is a {obj} over a {bg} pattern",
+)
 
 # Templates with a background clause and without it (used when the background is left unsaid).
 TEMPLATES: tuple[tuple[str, str], ...] = (
@@ -40,6 +72,7 @@ TEMPLATES: tuple[tuple[str, str], ...] = (
 TRAIN_SYNONYM_TEMPLATES: tuple[int, ...] = (0, 1)
 HELDOUT_TEMPLATES: tuple[int, ...] = (2, 3)
 GENERIC_SHAPE = "shape"
+_ARTICLE = re.compile(r"(^|\s)a ([aeiou])")  # "a emerald" -> "an emerald"
 
 
 def describe(
@@ -60,12 +93,21 @@ def describe(
     if color:
         obj = f"{word(color)} {obj}"
     with_bg, without_bg = TEMPLATES[template]
-    return with_bg.format(obj=obj, bg=word(background)) if background else without_bg.format(obj=obj)
+    caption = with_bg.format(obj=obj, bg=word(background)) if background else without_bg.format(obj=obj)
+    return _ARTICLE.sub(r"\1an \2", caption)
 
 
 def canonical(scene: Scene, template: int = 0) -> str:
     """The scene in canonical words."""
     return describe(scene.shape, scene.color, scene.background, template)
+
+
+def zero_shot(scene: Scene, rng: np.random.Generator) -> str:
+    """A zero-shot phrasing: every factor said with a word never trained on, in a template never
+    trained on."""
+    template = ZERO_SHOT_TEMPLATES[int(rng.integers(len(ZERO_SHOT_TEMPLATES)))]
+    obj = f"{ZERO_SHOT_WORDS[scene.color]} {ZERO_SHOT_WORDS[scene.shape]}"
+    return _ARTICLE.sub(r"\1an \2", template.format(obj=obj, bg=ZERO_SHOT_WORDS[scene.background]))
 
 
 def paraphrase(scene: Scene, rng: np.random.Generator) -> str:

@@ -23,9 +23,10 @@ _WEIGHTS = "classifier.safetensors"
 class ConceptClassifier(nn.Module):
     """Images (N, 3, 32, 32) in [-1, 1] -> one logit tensor per factor."""
 
-    def __init__(self, width: int = 32) -> None:
+    def __init__(self, width: int = 32, factors: dict[str, tuple[str, ...]] = FACTORS) -> None:
         super().__init__()
         self.width = width
+        self.factors = {f: tuple(v) for f, v in factors.items()}  # v1's classifier knows no planted values
 
         def block(cin: int, cout: int) -> nn.Sequential:
             return nn.Sequential(
@@ -37,7 +38,7 @@ class ConceptClassifier(nn.Module):
         self.features = nn.Sequential(
             block(3, width), block(width, 2 * width), block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten()
         )
-        self.heads = nn.ModuleDict({f: nn.Linear(4 * width, len(v)) for f, v in FACTORS.items()})
+        self.heads = nn.ModuleDict({f: nn.Linear(4 * width, len(v)) for f, v in self.factors.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.features(images)
@@ -50,13 +51,14 @@ class ConceptClassifier(nn.Module):
         self.eval()
         logits = self(images.to(next(self.parameters()).device, torch.float32) * 2 - 1)
         self.train(was_training)
-        return {f: [FACTORS[f][i] for i in lg.argmax(-1).tolist()] for f, lg in logits.items()}
+        return {f: [self.factors[f][i] for i in lg.argmax(-1).tolist()] for f, lg in logits.items()}
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors({k: v.contiguous() for k, v in self.state_dict().items()}, directory / _WEIGHTS)
-        atomic_write_json({"width": self.width, "factors": {k: list(v) for k, v in FACTORS.items()}}, directory / _CONFIG)
+        config = {"width": self.width, "factors": {k: list(v) for k, v in self.factors.items()}}
+        atomic_write_json(config, directory / _CONFIG)
 
     @classmethod
     def load(cls, directory: str | Path) -> "ConceptClassifier":
@@ -65,7 +67,7 @@ class ConceptClassifier(nn.Module):
             raise FileNotFoundError(f"no concept classifier in {directory} (expected {_WEIGHTS}); train one with "
                                     "`python -m acterase_interp.world.train`")
         config = json.loads((directory / _CONFIG).read_text())
-        model = cls(width=config["width"])
+        model = cls(width=config["width"], factors=config["factors"])
         model.load_state_dict(load_file(directory / _WEIGHTS))
         return model.eval()
 

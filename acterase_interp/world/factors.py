@@ -6,10 +6,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross")
-COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
-BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "dots", "checkerboard")
-FACTORS: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": COLORS, "background": BACKGROUNDS}
+# Natural values: what a base model learns from scratch. Plantable values are drawn and read by the
+# classifier too, but a model only knows them once `world.planting` teaches them to chosen parameters.
+NATURAL: dict[str, tuple[str, ...]] = {
+    "shape": ("circle", "square", "triangle", "star", "cross"),
+    "color": ("red", "green", "blue", "yellow", "purple"),
+    "background": ("plain", "stripes", "dots", "checkerboard"),
+}
+PLANTABLE: dict[str, tuple[str, ...]] = {"shape": ("heart", "moon"), "color": ("cyan",), "background": ()}
+FACTORS: dict[str, tuple[str, ...]] = {f: NATURAL[f] + PLANTABLE[f] for f in NATURAL}
+"""Every value per factor, in the classifier's label order (natural values first)."""
+SHAPES, COLORS, BACKGROUNDS = FACTORS["shape"], FACTORS["color"], FACTORS["background"]
 
 RGB: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.1, 0.1),
@@ -17,6 +24,7 @@ RGB: dict[str, tuple[float, float, float]] = {
     "blue": (0.1, 0.2, 0.9),
     "yellow": (0.95, 0.85, 0.05),
     "purple": (0.55, 0.1, 0.75),
+    "cyan": (0.1, 0.8, 0.85),
 }
 
 
@@ -44,17 +52,22 @@ class Scene:
 
     def labels(self) -> tuple[int, int, int]:
         """Class indices (shape, color, background), as the classifier predicts them."""
-        return SHAPES.index(self.shape), COLORS.index(self.color), BACKGROUNDS.index(self.background)
+        return tuple(FACTORS[f].index(getattr(self, f)) for f in FACTORS)
 
 
-def sample_scenes(n: int, rng: np.random.Generator) -> list[Scene]:
-    """`n` scenes with every factor drawn uniformly."""
-    s = rng.integers(len(SHAPES), size=n)
-    c = rng.integers(len(COLORS), size=n)
-    b = rng.integers(len(BACKGROUNDS), size=n)
-    return [Scene(SHAPES[i], COLORS[j], BACKGROUNDS[k]) for i, j, k in zip(s, c, b)]
+def sample_scenes(n: int, rng: np.random.Generator, values: dict[str, tuple[str, ...]] = NATURAL) -> list[Scene]:
+    """`n` scenes with every factor drawn uniformly from `values` (default: the natural values)."""
+    picks = [rng.integers(len(values[f]), size=n) for f in ("shape", "color", "background")]
+    return [Scene(values["shape"][i], values["color"][j], values["background"][k]) for i, j, k in zip(*picks)]
+
+
+def with_values(extra: dict[str, list[str]] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    """The natural values plus `extra` concepts (e.g. a model's planted ones), per factor."""
+    extra = list(extra.values()) if isinstance(extra, dict) else [[c] for c in extra]
+    added = [c for cs in extra for c in cs]
+    return {f: NATURAL[f] + tuple(c for c in added if factor_of(c) == f and c not in NATURAL[f]) for f in NATURAL}
 
 
 def all_scenes() -> list[Scene]:
-    """Every factor combination once (100 scenes)."""
-    return [Scene(s, c, b) for s in SHAPES for c in COLORS for b in BACKGROUNDS]
+    """Every combination of natural values once (100 scenes)."""
+    return [Scene(s, c, b) for s in NATURAL["shape"] for c in NATURAL["color"] for b in NATURAL["background"]]

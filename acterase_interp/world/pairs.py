@@ -19,19 +19,21 @@ import numpy as np
 
 from ..erase.pairs import PromptPairs
 from .captions import TEMPLATES, describe, paraphrase
-from .factors import FACTORS, Scene, factor_of
+from .factors import FACTORS, NATURAL, Scene, factor_of
 
 
 def concepts() -> tuple[str, ...]:
-    """Every ConceptWorld concept that can be erased: each shape, color and background."""
+    """Every ConceptWorld concept that can be erased: each shape, color and background, the
+    plantable ones included (a model draws those only once they are planted)."""
     return tuple(v for values in FACTORS.values() for v in values)
 
 
 def concept_scenes(concept: str, rng: np.random.Generator) -> list[tuple[Scene, int]]:
-    """Every (scene showing `concept`, template index) combination once, in a random order."""
+    """Every (scene showing `concept`, template index) combination once, in a random order; the
+    other factors take natural values, which every ConceptWorld model knows."""
     factor = factor_of(concept)
     rest = [f for f in FACTORS if f != factor]
-    combos = list(itertools.product(*(FACTORS[f] for f in rest), range(len(TEMPLATES))))
+    combos = list(itertools.product(*(NATURAL[f] for f in rest), range(len(TEMPLATES))))
     return [
         (Scene(**{factor: concept, **dict(zip(rest, combos[i][:-1]))}), combos[i][-1])
         for i in rng.permutation(len(combos))
@@ -57,9 +59,9 @@ def paraphrase_prompts(concept: str, n: int, rng: np.random.Generator) -> list[s
 
 def other_value_scenes(concept: str, n: int, rng: np.random.Generator) -> list[tuple[Scene, int]]:
     """`n` distinct (scene, template) combinations with another value of `concept`'s factor,
-    cycling through the other values, with random other factors: what erasure must preserve."""
+    cycling through the other natural values, with random other factors: what erasure must preserve."""
     factor = factor_of(concept)
-    pools = [concept_scenes(v, rng) for v in FACTORS[factor] if v != concept]
+    pools = [concept_scenes(v, rng) for v in NATURAL[factor] if v != concept]
     available = sum(map(len, pools))
     if n > available:
         raise ValueError(f"at most {available} distinct non-target prompts exist for {concept!r}; asked for {n}")
@@ -76,7 +78,7 @@ def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0, anchor: str | N
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
     factor = factor_of(concept)
-    anchors = [v for v in FACTORS[factor] if v != concept]
+    anchors = [v for v in NATURAL[factor] if v != concept]
     if anchor is not None:
         if anchor not in anchors:
             raise ValueError(f"anchor {anchor!r} must be another {factor} than {concept!r}: one of {anchors}")

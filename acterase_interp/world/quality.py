@@ -26,12 +26,14 @@ from ..io import atomic_write_json
 from ..metrics import Classifier, Rate, factor_accuracy
 from ..provenance import library_versions
 from ..report import labelled_grid_png
-from .captions import TEMPLATES, canonical, paraphrase
+from .captions import TEMPLATES, canonical, paraphrase, zero_shot
 from .classifier import ConceptClassifier
-from .factors import Scene, sample_scenes
+from .factors import Scene, factor_of, sample_scenes
 
 BARS: dict[str, float] = {"shape": 0.95, "color": 0.95, "background": 0.90, "all": 0.85}
 """Lowest accepted accuracy per column, on canonical captions (point estimates)."""
+PLANTED_BAR = 0.90
+"""Lowest accepted rate at which a planted concept's prompts show it."""
 PARAPHRASE_GAP = 0.05
 """Largest accepted drop of "all three" accuracy from canonical captions to held-out paraphrases."""
 COLUMNS: tuple[str, ...] = ("shape", "color", "background", "all")
@@ -42,7 +44,8 @@ def quality_prompts(
     n: int, seed: int, all_templates: bool = False
 ) -> tuple[list[Scene], dict[str, list[str]], list[int]]:
     """The evaluation set: `n` scenes drawn with `numpy.random.default_rng(seed)`, the prompts of
-    each row ("canonical" = template 0, "paraphrase" = held-out paraphrase, and with
+    each row ("canonical" = template 0, "paraphrase" = held-out paraphrase, "zero-shot" = words and
+    templates never trained on (reported, no bar), and with
     `all_templates` "template k" for the other canonical templates), and one image seed per scene,
     shared by every row so rows differ only in their wording."""
     if n < 1:
@@ -50,10 +53,25 @@ def quality_prompts(
     rng = np.random.default_rng(seed)
     scenes = sample_scenes(n, rng)
     rows = {"canonical": [canonical(s) for s in scenes], "paraphrase": [paraphrase(s, rng) for s in scenes]}
+    zero_rng = np.random.default_rng([seed, 1])  # its own stream: the image seeds stay as they were
+    rows["zero-shot"] = [zero_shot(s, zero_rng) for s in scenes]
     if all_templates:
         rows.update({f"template {t}": [canonical(s, t) for s in scenes] for t in range(1, len(TEMPLATES))})
     image_seeds = rng.integers(0, 2**31 - 1, size=n).tolist()
     return scenes, rows, image_seeds
+
+
+def planted_prompts(concepts: Sequence[str], n: int, seed: int) -> dict[str, tuple[list[Scene], list[str], list[int]]]:
+    """Per planted concept: `n` scenes showing it (other factors natural, at random), their
+    canonical captions in random templates, and image seeds."""
+    out = {}
+    for i, concept in enumerate(concepts):
+        rng = np.random.default_rng([seed, i])
+        factor = factor_of(concept)
+        scenes = [Scene(**{**s.__dict__, factor: concept}) for s in sample_scenes(n, rng)]
+        prompts = [canonical(s, int(rng.integers(len(TEMPLATES)))) for s in scenes]
+        out[concept] = (scenes, prompts, rng.integers(0, 2**31 - 1, size=n).tolist())
+    return out
 
 
 def _bar(name: str, kind: str, value: float, threshold: float) -> dict:
@@ -68,7 +86,13 @@ def _bars(rates: dict[str, dict[str, Rate]]) -> list[dict]:
     bars = [_bar(f"canonical {_TITLES[c]} >= {100 * t:.0f}%", "accuracy", canon[c].value, t) for c, t in BARS.items()]
     drop = canon["all"].value - rates["paraphrase"]["all"].value
     name = f"paraphrase all three within {100 * PARAPHRASE_GAP:.0f} points of canonical"
-    return bars + [_bar(name, "drop", drop, PARAPHRASE_GAP)]
+    bars.append(_bar(name, "drop", drop, PARAPHRASE_GAP))
+    for row, r in rates.items():
+        if row.startswith("planted "):
+            concept = row.removeprefix("planted ")
+            bars.append(_bar(f"planted {concept!r} drawn >= {100 * PLANTED_BAR:.0f}%", "accuracy",
+                             r[factor_of(concept)].value, PLANTED_BAR))  # fmt: skip
+    return bars
 
 
 def _evaluate(
@@ -80,32 +104,41 @@ def _evaluate(
     guidance: float | None,
     all_templates: bool,
     progress: bool,
+    n_planted: int = 50,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     steps = model.defaults.num_inference_steps if steps is None else steps
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = model.defaults.guidance_scale if guidance is None else guidance
     scenes, prompts, image_seeds = quality_prompts(n, seed, all_templates)
+    planted = planted_prompts([r["concept"] for r in model.planted], n_planted, seed)
+    row_scenes = {row: scenes for row in prompts}
+    row_seeds = {row: image_seeds for row in prompts}
+    for concept, (p_scenes, p_prompts, p_seeds) in planted.items():
+        row = f"planted {concept}"
+        prompts[row], row_scenes[row], row_seeds[row] = p_prompts, p_scenes, p_seeds
     start = time.perf_counter()
     images = generate(
         model,
         [p for row in prompts.values() for p in row],
-        seeds=image_seeds * len(prompts),
+        seeds=[s for row in prompts for s in row_seeds[row]],
         num_inference_steps=steps,
         guidance_scale=guidance,
         progress=progress,
     )
     seconds = time.perf_counter() - start
-    by_row = dict(zip(prompts, images.split(n)))
-    rates = {row: factor_accuracy(classifier, imgs, scenes) for row, imgs in by_row.items()}
+    by_row = dict(zip(prompts, images.split([len(p) for p in prompts.values()])))
+    rates = {row: factor_accuracy(classifier, imgs, row_scenes[row]) for row, imgs in by_row.items()}
     bars = _bars(rates)
     result = {
         "rows": {row: {col: r[col].to_dict() for col in COLUMNS} for row, r in rates.items()},
         "bars": bars,
         "passed": all(b["passed"] for b in bars),
-        "options": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "all_templates": all_templates},
-        "image_seeds": image_seeds,
-        "scenes": [[s.shape, s.color, s.background] for s in scenes],
+        "options": {"n": n, "n_planted": n_planted, "seed": seed, "steps": steps, "guidance": guidance,
+                    "all_templates": all_templates},
+        "image_seeds": row_seeds,
+        "scenes": {row: [[s.shape, s.color, s.background] for s in sc] for row, sc in row_scenes.items()},
+        "planted": model.planted,
         "prompts": prompts,
         "generation_seconds": seconds,
         "model_architecture": loading.architecture_hash(model.pipeline),
@@ -123,16 +156,18 @@ def evaluate_quality(
     guidance: float | None = None,
     *,
     all_templates: bool = False,
+    n_planted: int = 50,
     progress: bool = True,
 ) -> dict:
     """Accuracy of `model`'s images as read by `classifier`, per row of prompts (see
-    `quality_prompts`) and column ("shape", "color", "background", "all"), with the bars.
+    `quality_prompts`, plus "planted <concept>" rows of `n_planted` prompts per planted concept of
+    the model) and column ("shape", "color", "background", "all"), with the bars.
     `steps` and `guidance` default to the model's own defaults.
 
     Returns a JSON-ready dict: "rows" (row -> column -> Rate fields), "bars" (name, kind, value,
     threshold, passed), "passed", "options", "image_seeds", "scenes", "prompts", "generation_seconds",
     "model_architecture", "versions"."""
-    return _evaluate(model, classifier, n, seed, steps, guidance, all_templates, progress)[0]
+    return _evaluate(model, classifier, n, seed, steps, guidance, all_templates, progress, n_planted)[0]
 
 
 def markdown_table(result: dict) -> str:
@@ -155,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's, 20)")
     parser.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's, 3.0)")
     parser.add_argument("--all-templates", action="store_true", help="also evaluate canonical templates 1-3")
+    parser.add_argument("--n-planted", type=int, default=50, help="prompts per planted concept (default 50)")
     parser.add_argument("--model", default="conceptworld", help="'conceptworld' or a pipeline folder trained by "
                         "acterase_interp.world.train (default: conceptworld)")
     parser.add_argument("--device", default="cpu")
@@ -164,13 +200,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = parser.parse_args(argv)
 
     model = loading.load(args.model, device=args.device)
-    classifier = ConceptClassifier.load(loading.conceptworld_dir() / "classifier").to(args.device)
+    world = args.model if args.model in loading.WORLDS else loading.CONCEPTWORLD  # v2's classifier reads every value
+    classifier = ConceptClassifier.load(loading.conceptworld_dir(world) / "classifier").to(args.device)
     options = (args.n, args.seed, args.steps, args.guidance, args.all_templates)
-    result, images = _evaluate(model, classifier, *options, progress=True)
+    result, images = _evaluate(model, classifier, *options, progress=True, n_planted=args.n_planted)
     print(markdown_table(result))
     print(f"\n{'PASS' if result['passed'] else 'FAIL'}; generation took {result['generation_seconds']:.1f} s")
-    shipped = args.model == loading.CONCEPTWORLD
-    out = args.out or (loading.conceptworld_dir() if shipped else Path(args.model)) / "quality.json"
+    shipped = args.model in loading.WORLDS
+    out = args.out or (loading.conceptworld_dir(args.model) if shipped else Path(args.model)) / "quality.json"
     atomic_write_json(result, out)
     print(f"wrote {out}")
     if args.grid:

@@ -35,6 +35,11 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
     if shape == "cross":
         w = 0.3 * r
         return ((np.abs(x) <= w) & (np.abs(y) <= r)) | ((np.abs(y) <= w) & (np.abs(x) <= r))
+    if shape == "heart":  # (X^2 + Y^2 - 1)^3 <= X^2 Y^3, point down
+        X, Y = 1.15 * x / r, -1.15 * y / r + 0.15
+        return (X**2 + Y**2 - 1) ** 3 <= X**2 * Y**3
+    if shape == "moon":  # a crescent opening to the upper right
+        return (x**2 + y**2 <= r**2) & ((x - 0.5 * r) ** 2 + (y + 0.3 * r) ** 2 > (0.72 * r) ** 2)
     raise ValueError(f"unknown shape {shape!r}")
 
 

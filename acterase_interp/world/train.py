@@ -12,7 +12,6 @@ import argparse
 import copy
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,13 +24,15 @@ from transformers import CLIPTextModel
 from tqdm.auto import tqdm
 
 from ..io import atomic_write_json
+from ..plant import CaptionCache, denoising_loss
 from ..metrics import factor_accuracy
 from ..provenance import library_versions
 from . import architecture as arch
 from .captions import training_caption
 from .classifier import ConceptClassifier
-from .factors import FACTORS, Scene, sample_scenes
+from .factors import FACTORS, NATURAL, Scene, sample_scenes
 from .render import render_batch
+from .text_encoder import load_minilm
 from .tokenizer import build_tokenizer
 
 
@@ -53,18 +54,21 @@ class TrainOptions:
     checkpoint_every: int = 400
     init_from: str = ""
     """A pipeline directory whose UNet and text encoder continue training ("" = from scratch)."""
+    text_encoder: str = "minilm"
+    """"minilm": v2's frozen pretrained all-MiniLM-L6-v2 (its token states cached per caption);
+    "clip": v1's small CLIP text encoder, trained with the UNet unless frozen."""
     freeze_text_encoder: bool = False
-    """Keep the text encoder at its initial weights, as SD keeps CLIP: the UNet must then decode
-    text features that were not shaped for it (0 / 1 on the command line)."""
+    """With "clip": keep the text encoder at its initial weights, as SD keeps CLIP: the UNet must then
+    decode text features that were not shaped for it (0 / 1 on the command line)."""
 
 
 def _scene_labels(scenes: list[Scene]) -> torch.Tensor:
     return torch.tensor([s.labels() for s in scenes])
 
 
-def make_data(opts: TrainOptions) -> tuple[list[Scene], torch.Tensor]:
+def make_data(opts: TrainOptions, values: dict[str, tuple[str, ...]] = NATURAL) -> tuple[list[Scene], torch.Tensor]:
     rng = np.random.default_rng(opts.seed)
-    scenes = sample_scenes(opts.n_images, rng)
+    scenes = sample_scenes(opts.n_images, rng, values)
     images = torch.from_numpy(render_batch(scenes, rng))
     return scenes, images
 
@@ -150,7 +154,7 @@ def train_classifier(
     model.eval()
     # Held-out accuracy on fresh renders (and their VAE round trips) from a seed never used for training.
     rng = np.random.default_rng(opts.seed + 1000)
-    scenes = sample_scenes(2000, rng)
+    scenes = sample_scenes(2000, rng, FACTORS)
     clean = torch.from_numpy(render_batch(scenes, rng))
     acc = _heldout_accuracy(model, scenes, clean)
     acc_vae = _heldout_accuracy(model, scenes, vae_roundtrip(vae, clean))
@@ -159,56 +163,56 @@ def train_classifier(
     return model
 
 
-def _save_pipeline(vae, text_encoder, tokenizer, unet, out: Path) -> None:
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    arch.assemble(vae, text_encoder, tokenizer, unet).save_pretrained(tmp, safe_serialization=True)
-    arch.write_defaults(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+def _text_pathway(opts: TrainOptions, tokenizer_size: int | None = None):
+    """(text encoder, tokenizer, trainable, captions -> token states) for `opts.text_encoder`."""
+    if opts.text_encoder == "minilm":
+        encoder, tokenizer = load_minilm()
+        return encoder, tokenizer, False, CaptionCache(encoder, tokenizer)
+    if opts.text_encoder != "clip":
+        raise ValueError(f"text_encoder must be 'minilm' or 'clip', got {opts.text_encoder!r}")
+    tokenizer = build_tokenizer()
+    if opts.init_from:
+        encoder = CLIPTextModel.from_pretrained(Path(opts.init_from) / "text_encoder")
+    else:
+        encoder = arch.build_text_encoder(len(tokenizer))
+
+    def encode(captions: list[str]) -> torch.Tensor:
+        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
+        return encoder(ids.input_ids)[0]
+
+    return encoder, tokenizer, not opts.freeze_text_encoder, encode
 
 
 def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOptions, log: dict, out: Path) -> None:
     gen = torch.Generator().manual_seed(opts.seed + 3)
     rng = np.random.default_rng(opts.seed + 3)
-    tokenizer = build_tokenizer()
     torch.manual_seed(opts.seed + 3)
+    text_encoder, tokenizer, train_text, encode = _text_pathway(opts)
     if opts.init_from:  # continue an earlier run (its EMA weights) with a fresh schedule
-        text_encoder = CLIPTextModel.from_pretrained(Path(opts.init_from) / "text_encoder")
         unet = UNet2DConditionModel.from_pretrained(Path(opts.init_from) / "unet")
     else:
-        text_encoder = arch.build_text_encoder(len(tokenizer))
-        unet = arch.build_unet()
+        unet = arch.build_unet(cross_attention_dim=text_encoder.config.hidden_size)
     noise_sched = arch.build_train_scheduler()
     with torch.no_grad():  # encode once; sample the posterior per step
         dists = [vae.encode(c).latent_dist for c in images.split(512)]
         lat_mean = torch.cat([d.mean for d in dists])
         lat_std = torch.cat([d.std for d in dists])
     scale = vae.config.scaling_factor
-    alphas = noise_sched.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    text_encoder.requires_grad_(not opts.freeze_text_encoder)
-    trained = [unet] if opts.freeze_text_encoder else [unet, text_encoder]
+    text_encoder.requires_grad_(train_text)
+    trained = [unet, text_encoder] if train_text else [unet]
     params = [p for m in trained for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=opts.unet_lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _cosine(s, opts.unet_steps))
     emas = [copy.deepcopy(m).eval() for m in trained]
     ema_unet = emas[0]
-    ema_text = text_encoder.eval() if opts.freeze_text_encoder else emas[1]  # frozen: saved as initialised
+    ema_text = emas[1] if train_text else text_encoder.eval()  # frozen: saved as initialised
     losses = []
-    desc = "UNet" if opts.freeze_text_encoder else "UNet + text encoder"
+    desc = "UNet + text encoder" if train_text else "UNet"
     for step in (bar := tqdm(range(opts.unet_steps), desc=desc)):
         idx = torch.randint(len(scenes), (opts.batch,), generator=gen)
         z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * scale
         captions = [training_caption(scenes[i], rng) for i in idx.tolist()]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
-        t = torch.randint(0, noise_sched.config.num_train_timesteps, (opts.batch,), generator=gen)
-        noise = torch.randn(z0.shape, generator=gen)
-        zt = noise_sched.add_noise(z0, noise, t)
-        cond = text_encoder(ids.input_ids)[0]
-        pred = unet(zt, t, encoder_hidden_states=cond).sample
-        weight = torch.clamp(snr[t], max=opts.min_snr_gamma) / snr[t]  # min-SNR weighting (epsilon target)
-        loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+        loss = denoising_loss(unet, z0, encode(captions), noise_sched, gen, opts.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -223,7 +227,7 @@ def train_unet(vae, scenes: list[Scene], images: torch.Tensor, opts: TrainOption
             losses.append({"step": step, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % opts.checkpoint_every == 0 or step + 1 == opts.unet_steps:
-            _save_pipeline(vae, ema_text, tokenizer, ema_unet, out / "pipeline")
+            arch.save_world(arch.assemble(vae, ema_text, tokenizer, ema_unet), out / "pipeline")
             log["unet"] = {"losses": losses, "steps_done": step + 1}
             atomic_write_json(log, out / "train_log.json")
 
@@ -257,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         atomic_write_json(log, args.out / "train_log.json")
         return result
 
-    scenes, images = timed("data", make_data, opts)
-    labels = _scene_labels(scenes)
+    if {"vae", "unet"} & set(stages):
+        scenes, images = timed("data", make_data, opts)  # the base model learns the natural values only
     # Finished stages are kept under --out, so an interrupted run resumes after them.
     vae_dir = args.out / "stage_vae"
     if (vae_dir / "config.json").exists():
@@ -271,7 +275,9 @@ def main(argv: list[str] | None = None) -> None:
         vae = timed("vae", train_vae, images, opts, log)
         vae.save_pretrained(vae_dir)
     if "classifier" in stages and not (args.out / "classifier" / "classifier.safetensors").exists():
-        classifier = timed("classifier", train_classifier, images, labels, vae, opts, log)
+        # The classifier reads every value, plantable ones included, so it can score planted concepts.
+        all_scenes, all_images = timed("classifier_data", make_data, opts, FACTORS)
+        classifier = timed("classifier", train_classifier, all_images, _scene_labels(all_scenes), vae, opts, log)
         classifier.save(args.out / "classifier")
     if "unet" in stages:
         timed("unet", train_unet, vae, scenes, images, opts, log, args.out)

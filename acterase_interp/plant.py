@@ -1,0 +1,249 @@
+"""Planting: teach a pipeline a concept by fine-tuning only chosen UNet parameters.
+
+Everything else stays bit-identical (checked after training), so the concept's location is known:
+a ground truth against which localization methods are scored, as planted circuits are in language
+models. Works on any SD 1.x/2.x pipeline given images of the concept with captions (DreamBooth
+style); `world.planting` builds ConceptWorld's data and manifest on top of it.
+
+Families of trainable parameters, per chosen transformer block:
+
+- `ffn`: the whole feed-forward module `ff`;
+- `ffn_units`: only `units` hidden units of it: their rows of the GEGLU projection `ff.net.0.proj`
+  (value and gate halves) and their columns of `ff.net.2`;
+- `attn2_kv`: the cross-attention key and value projections `attn2.to_k` / `attn2.to_v`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from .sites import _block_names
+
+PLANT_FAMILIES: tuple[str, ...] = ("ffn", "ffn_units", "attn2_kv")
+
+
+@dataclass(frozen=True)
+class PlantSpec:
+    """Where a concept is planted and how it is trained."""
+
+    family: str = "ffn"
+    """One of `PLANT_FAMILIES`."""
+    blocks: tuple[str, ...] | None = None
+    """Transformer blocks (`down.1.0`, `mid.0`, `up.0.1`, ...); None: every block."""
+    units: int | None = None
+    """`ffn_units` only: hidden units trained per block, drawn at random from `seed`."""
+    steps: int = 600
+    lr: float = 5e-4
+    batch: int = 64
+    seed: int = 0
+    p_uncond: float = 0.1
+    """Fraction of captions replaced by "" so classifier-free guidance keeps working."""
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.family not in PLANT_FAMILIES:
+            raise ValueError(f"unknown plant family {self.family!r}; choose from {PLANT_FAMILIES}")
+        if (self.family == "ffn_units") != (self.units is not None):
+            raise ValueError("units is required for family 'ffn_units' and only allowed there")
+        if self.units is not None and self.units < 1:
+            raise ValueError(f"units must be at least 1, got {self.units}")
+        if self.steps < 1 or self.batch < 1 or self.lr <= 0:
+            raise ValueError(f"steps, batch and lr must be positive, got {self.steps}, {self.batch}, {self.lr}")
+        if not 0 <= self.p_uncond < 1:
+            raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
+
+
+@dataclass
+class PlantRecord:
+    """The ground truth of one planting: what was trained, where, on what, and the check."""
+
+    concept: str
+    spec: dict
+    blocks: list[str]
+    units: dict[str, list[int]]
+    """`ffn_units`: block -> the trained hidden-unit indices (the `ffn_hidden` site's channels)."""
+    parameters: list[str]
+    """UNet parameter names that were trained (all of them, or the unit slices of them)."""
+    trained_values: int
+    """Number of scalar weights that were free to change."""
+    frozen_identical: bool
+    """Every other UNet weight, and the text encoder and VAE, equal their values before, bit for bit."""
+    seconds: float
+    losses: list[dict] = field(default_factory=list)
+    data: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class CaptionCache:
+    """Text-encoder states per caption, computed once: fine-tuning draws the same captions again and
+    again, and a frozen encoder never changes."""
+
+    def __init__(self, encoder: torch.nn.Module, tokenizer) -> None:
+        self.encoder, self.tokenizer = encoder, tokenizer
+        self._states: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        if new := sorted(set(captions) - self._states.keys()):
+            length = self.tokenizer.model_max_length
+            ids = self.tokenizer(new, padding="max_length", max_length=length, truncation=True, return_tensors="pt")
+            device = next(self.encoder.parameters()).device
+            self._states.update(zip(new, self.encoder(ids.input_ids.to(device))[0]))
+        return torch.stack([self._states[c] for c in captions])
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+
+def denoising_loss(
+    unet: UNet2DConditionModel,
+    z0: torch.Tensor,
+    cond: torch.Tensor,
+    noise_sched: DDPMScheduler,
+    gen: torch.Generator,
+    min_snr_gamma: float,
+) -> torch.Tensor:
+    """The epsilon-prediction loss with min-SNR weighting at random timesteps."""
+    t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen)
+    noise = torch.randn(z0.shape, generator=gen).to(z0.device)
+    pred = unet(noise_sched.add_noise(z0, noise, t), t.to(z0.device), encoder_hidden_states=cond).sample
+    snr = noise_sched.alphas_cumprod[t] / (1 - noise_sched.alphas_cumprod[t])
+    weight = (torch.clamp(snr, max=min_snr_gamma) / snr).to(z0.device)
+    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+
+def _blocks(unet: UNet2DConditionModel, wanted: tuple[str, ...] | None) -> list[tuple[str, str]]:
+    blocks = _block_names(unet)
+    if wanted is None:
+        return blocks
+    known = [name for name, _ in blocks]
+    if missing := [b for b in wanted if b not in known]:
+        raise ValueError(f"unknown block(s) {missing}; this UNet has {known}")
+    return [(name, path) for name, path in blocks if name in wanted]
+
+
+def trainable_masks(
+    unet: UNet2DConditionModel, spec: PlantSpec
+) -> tuple[dict[str, torch.Tensor | None], dict[str, list[int]]]:
+    """(parameter name -> mask of its trainable entries, or None for all of it; block -> units)."""
+    masks: dict[str, torch.Tensor | None] = {}
+    units: dict[str, list[int]] = {}
+    gen = torch.Generator().manual_seed(spec.seed)
+    params = dict(unet.named_parameters())
+    for name, path in _blocks(unet, spec.blocks):
+        if spec.family == "attn2_kv":
+            masks.update({f"{path}.attn2.{p}.weight": None for p in ("to_k", "to_v")})
+        elif spec.family == "ffn":
+            masks.update({n: None for n in params if n.startswith(f"{path}.ff.")})
+        else:
+            proj, out = params[f"{path}.ff.net.0.proj.weight"], params[f"{path}.ff.net.2.weight"]
+            inner = out.shape[1]
+            if spec.units > inner:
+                raise ValueError(f"units {spec.units} exceeds the {inner} hidden units of {name}")
+            chosen = torch.randperm(inner, generator=gen)[: spec.units].sort().values
+            units[name] = chosen.tolist()
+            rows = torch.zeros(proj.shape[0], dtype=torch.bool)
+            rows[chosen] = rows[chosen + inner] = True  # GEGLU: value half, then gate half
+            masks[f"{path}.ff.net.0.proj.weight"] = rows[:, None].expand_as(proj).clone()
+            masks[f"{path}.ff.net.0.proj.bias"] = rows
+            cols = torch.zeros(out.shape[1], dtype=torch.bool)
+            cols[chosen] = True
+            masks[f"{path}.ff.net.2.weight"] = cols[None, :].expand_as(out).clone()
+    return masks, units
+
+
+def _snapshot(*modules: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+def _frozen_identical(modules, before, masks: dict[str, torch.Tensor | None]) -> bool:
+    """True when every weight outside the trainable entries equals its snapshot bit for bit."""
+    for module, snap in zip(modules, before):
+        for name, value in module.state_dict().items():
+            mask = masks.get(name, False) if module is modules[0] else False
+            if mask is None:
+                continue  # wholly trainable
+            keep = ~mask if isinstance(mask, torch.Tensor) else torch.ones_like(value, dtype=torch.bool)
+            if not torch.equal(value[keep.to(value.device)], snap[name][keep.to(value.device)]):
+                return False
+    return True
+
+
+def plant(
+    pipeline: StableDiffusionPipeline,
+    images: torch.Tensor,
+    captions: list[str],
+    concept: str,
+    spec: PlantSpec = PlantSpec(),
+    *,
+    data: dict | None = None,
+    progress: bool = True,
+) -> PlantRecord:
+    """Fine-tune `pipeline.unet` in place on `images` (N, 3, H, W) in [-1, 1] with their `captions`,
+    training only the parameters `spec` names; the text encoder and VAE stay frozen. Mix images of
+    the new concept with images of what the model already draws, or the rest drifts. Raises if
+    anything outside the trained entries changed. `data` describes the images for the record."""
+    if len(images) != len(captions) or not len(images):
+        raise ValueError(f"need as many captions as images (at least one), got {len(captions)} and {len(images)}")
+    start = time.perf_counter()
+    unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
+    device = next(unet.parameters()).device
+    masks, units = trainable_masks(unet, spec)
+    modules = (unet, text_encoder, vae)
+    before = _snapshot(*modules)
+    gen = torch.Generator().manual_seed(spec.seed)
+    with torch.no_grad():  # encode once; sample the posterior per step
+        dists = [vae.encode(c.to(device, vae.dtype)).latent_dist for c in images.split(256)]
+        lat_mean, lat_std = torch.cat([d.mean for d in dists]).cpu(), torch.cat([d.std for d in dists]).cpu()
+    encode = CaptionCache(text_encoder, pipeline.tokenizer)
+    noise_sched = DDPMScheduler.from_config(pipeline.scheduler.config)
+    params = dict(unet.named_parameters())
+    for module in modules:
+        module.requires_grad_(False)
+    trained = [params[n] for n in masks]
+    for p in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0)  # decay would move frozen entries
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, spec.steps)
+    unet.train()
+    losses = []
+    for step in (bar := tqdm(range(spec.steps), desc=f"planting {concept!r} ({spec.family})", disable=not progress)):
+        idx = torch.randint(len(images), (spec.batch,), generator=gen)
+        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * vae.config.scaling_factor
+        drop = (torch.rand(spec.batch, generator=gen) < spec.p_uncond).tolist()
+        cond = encode(["" if d else captions[i] for i, d in zip(idx.tolist(), drop)])
+        loss = denoising_loss(unet, z0.to(device), cond, noise_sched, gen, spec.min_snr_gamma)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        for name, mask in masks.items():
+            if mask is not None:
+                params[name].grad.mul_(mask.to(device))
+        opt.step()
+        sched.step()
+        if step % 50 == 0 or step + 1 == spec.steps:
+            losses.append({"step": step, "loss": loss.item()})
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.eval().requires_grad_(False)
+    identical = _frozen_identical(modules, before, masks)
+    if not identical:
+        raise RuntimeError("planting changed weights outside the trained entries; the ground truth would be wrong")
+    n_trained = sum(int(m.sum()) if m is not None else params[n].numel() for n, m in masks.items())
+    return PlantRecord(
+        concept=concept,
+        spec={**asdict(spec), "blocks": list(spec.blocks) if spec.blocks else None},
+        blocks=[name for name, _ in _blocks(unet, spec.blocks)],
+        units=units,
+        parameters=list(masks),
+        trained_values=n_trained,
+        frozen_identical=identical,
+        seconds=round(time.perf_counter() - start, 1),
+        losses=losses,
+        data=data or {"n_images": len(images)},
+    )
