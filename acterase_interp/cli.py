@@ -2,7 +2,7 @@
 
     acterase fit --model conceptworld --pairs conceptworld_triangle --out runs/triangle
     acterase generate --model conceptworld --prompt "a red triangle" --eraser runs/triangle --compare --out grid.png
-    acterase demo --concept moon --out runs/demo
+    acterase demo --concept heart --out runs/demo
     acterase plant --model DIR --concept heart --family ffn_units --blocks up.0.0 --units 32 --out DIR2
 
 Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2;
@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="erase a ConceptWorld concept and report how well it worked")
     demo.add_argument("--concept", help="a ConceptWorld shape, color or background "
-                      "(default: moon, planted in 32 FFN units of two blocks)")
+                      "(default: heart, planted in 32 FFN units of two blocks)")
     demo.add_argument("--beside", help="a natural concept reported beside it under the same recipe and the FFN "
                       "and cross-attention ceilings (default: triangle; none: skip)")
     demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")

@@ -1,4 +1,4 @@
-"""The end-to-end demo on ConceptWorld: fit an eraser for one concept (by default the moon, planted
+"""The end-to-end demo on ConceptWorld: fit an eraser for one concept (by default the heart, planted
 in 32 FFN hidden units of two blocks), choose tau on the fit pairs, generate the same seeds with and
 without it, read the images with the bundled classifier, and check the erasure bars; then show a
 natural concept beside it (the triangle), which this recipe does not reach.
@@ -49,7 +49,7 @@ from .world.classifier import ConceptClassifier
 from .world.factors import FACTORS, NATURAL, Scene, factor_of
 from .world.pairs import canonical_prompt, concept_scenes, concepts, conceptworld_pairs, other_value_scenes
 
-DEFAULT_CONCEPT = "moon"
+DEFAULT_CONCEPT = "heart"
 """Planted in 32 hidden units of two FFNs: the case ActErase's premise describes (a concept computed
 by a few FFN units), with its ground truth known."""
 DEFAULT_BESIDE = "triangle"
@@ -367,7 +367,7 @@ def run_demo(
     beside: str | None = DEFAULT_BESIDE,
     **options: Any,
 ) -> dict:
-    """Erase a ConceptWorld `concept` (default: the moon planted in 32 FFN units of two blocks) and
+    """Erase a ConceptWorld `concept` (default: the heart planted in 32 FFN units of two blocks) and
     measure the result; returns the results dict, also written to `out_dir/results.json` with an
     HTML report (`report.html`), before/after PNG grids per group and the fitted eraser (`eraser/`).
     `model` is ConceptWorld, a pipeline folder, or a loaded model. `tau` "auto" (default) takes the

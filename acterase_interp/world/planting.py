@@ -24,12 +24,14 @@ from .render import render_batch
 
 
 SHIPPED: tuple[tuple[str, PlantSpec], ...] = (
-    ("heart", PlantSpec("ffn", blocks=None, steps=600, lr=5e-4, seed=11)),
-    ("moon", PlantSpec("ffn_units", blocks=("up.0.0", "up.0.1"), units=32, steps=600, lr=1e-3, seed=12)),
-    ("cyan", PlantSpec("attn2_kv", blocks=("up.1.0", "up.1.1"), steps=600, lr=1e-3, seed=13)),
+    ("moon", PlantSpec("ffn", blocks=None, steps=800, lr=5e-4, seed=11)),
+    ("heart", PlantSpec("ffn_units", blocks=("up.0.0", "up.0.1"), units=32, steps=600, lr=1e-3, seed=12)),
+    ("cyan", PlantSpec("attn2_kv", blocks=("up.1.0", "up.1.1"), steps=1000, lr=1e-3, seed=13)),
 )
 """The default model's planted concepts, in planting order: a shape dense in every FFN, a shape in
-32 hidden units of two blocks, a color in the cross-attention keys and values of two blocks."""
+32 hidden units of two blocks, a color in the cross-attention keys and values of two blocks. (A
+first recipe planted the heart dense and the moon in the 32 units, 600 steps each: the moon was
+then drawn in only 42% of its prompts, so the two shapes swapped places.)"""
 
 
 def planting_data(
