@@ -192,10 +192,12 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _plant(args: argparse.Namespace) -> None:
     from .world.architecture import save_world
-    from .world.planting import plant_concept, plant_shipped
+    from .world.planting import check_plantable, plant_concept, plant_shipped
 
     if args.shipped == bool(args.concept):
         raise ValueError("give either --concept or --shipped")
+    if args.concept:
+        check_plantable(args.concept)  # before the model loads
     spec = None if args.shipped else PlantSpec(args.family, tuple(args.blocks) if args.blocks else None, args.units,
                                                 args.steps, args.lr, args.batch, args.seed)  # fmt: skip
     model = load(args.model)

@@ -334,8 +334,10 @@ def _beside(model, concept: str, classifier, n_pairs: int, n_images: int, seed: 
     pairs, eraser, _, choice = _fit(model, concept, n_pairs, seed, None, tau, classifier, progress, **options)
     cross = EraserFitter(model, replace(eraser_options(eraser), site_kind="attn2_out"), progress=progress).fit(pairs)
     ev = _evaluation(model, concept, pairs, n_images, seed, steps, guidance, progress)
+    tau_used = eraser_options(eraser).tau
+    unmet = " (no tau met the rule; the largest is shown)" if choice is not None and choice.tau is None else ""
     variants = {
-        "same recipe": eraser,
+        f"same recipe, tau {tau_used:g}{unmet}": eraser,
         "every FFN hidden unit replaced": eraser.saturated(),
         "every cross-attention output replaced": cross.saturated(),
     }

@@ -34,14 +34,18 @@ first recipe planted the heart dense and the moon in the 32 units, 600 steps eac
 then drawn in only 42% of its prompts, so the two shapes swapped places.)"""
 
 
+def check_plantable(concept: str) -> None:
+    if concept not in {v for vs in PLANTABLE.values() for v in vs}:
+        raise ValueError(f"{concept!r} is not plantable; choose from {PLANTABLE}")
+
+
 def planting_data(
     concept: str, known: Sequence[str] = (), n_images: int = 6000, fraction: float = 1 / 6, seed: int = 0
 ) -> tuple[list[Scene], torch.Tensor, list[str], dict]:
     """`n_images` renders with training captions: a `fraction` showing `concept`, the rest scenes
     of the natural values and the `known` (earlier planted) concepts. Returns scenes, images
     (N, 3, 32, 32) in [-1, 1], captions and a description for the record."""
-    if concept not in {v for vs in PLANTABLE.values() for v in vs}:
-        raise ValueError(f"{concept!r} is not plantable; choose from {PLANTABLE}")
+    check_plantable(concept)
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
