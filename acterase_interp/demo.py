@@ -195,7 +195,8 @@ def _beside_rows(beside: dict) -> list[dict]:
     for name, m in beside["variants"].items():
         kept = " / ".join(_fmt(m["non_target_accuracy"][f]["ratio"]) for f in FACTORS)
         rows.append({"eraser": name, "target before": pct(m["target_rate"]["before"]),
-                     "target after": pct(m["target_rate"]["after"]), "paraphrase after": pct(m["paraphrase_rate"]["after"]),
+                     "target after": pct(m["target_rate"]["after"]),
+                     "paraphrase after": pct(m["paraphrase_rate"]["after"]),
                      "non-target kept (shape / color / background)": kept})  # fmt: skip
     return rows
 
@@ -217,7 +218,8 @@ def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dic
     where = (f" It was planted in the {planted['spec']['family']} weights of {', '.join(planted['blocks'])}."
              if planted else " It is a natural concept (not planted).")  # fmt: skip
     sections: list = [
-        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase.{where} The same seeds "
+        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase.{where} "
+                    "The same seeds "
                     "without and with the eraser; tiles are labelled with the classifier's reading of the "
                     f"{factor}.\n\n" + "\n".join(
                         f"- {'PASS' if b['passed'] else 'FAIL'}: {b['bar']} = {_fmt(b['value'])} "

@@ -216,7 +216,8 @@ def plant(
     losses = []
     for step in (bar := tqdm(range(spec.steps), desc=f"planting {concept!r} ({spec.family})", disable=not progress)):
         idx = torch.randint(len(images), (spec.batch,), generator=gen)
-        z0 = (lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)) * vae.config.scaling_factor
+        z0 = lat_mean[idx] + lat_std[idx] * torch.randn(lat_mean[idx].shape, generator=gen)
+        z0 = z0 * vae.config.scaling_factor
         drop = (torch.rand(spec.batch, generator=gen) < spec.p_uncond).tolist()
         cond = encode(["" if d else captions[i] for i, d in zip(idx.tolist(), drop)])
         loss = denoising_loss(unet, z0.to(device), cond, noise_sched, gen, spec.min_snr_gamma)

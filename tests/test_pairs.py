@@ -9,7 +9,7 @@ import pytest
 
 from acterase_interp.erase.pairs import PromptPairs
 from acterase_interp.world.captions import HELDOUT_TEMPLATES, TEMPLATES, WORDS
-from acterase_interp.world.factors import FACTORS, NATURAL, factor_of
+from acterase_interp.world.factors import NATURAL, factor_of
 from acterase_interp.world.pairs import concepts, conceptworld_pairs
 
 PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"

@@ -7,7 +7,8 @@ A plantable value (`factors.PLANTABLE`) is taught to a trained ConceptWorld mode
 `acterase_interp.plant`, which trains only the chosen parameters. The data mix the new concept
 (a `fraction` of the images) with scenes of everything the model already draws, so nothing else
 drifts. Each planting appends its record (family, blocks, units, steps, data, the bit-identity
-check) to `planted.json` in the pipeline folder (`model.planted` once loaded): the ground truth localization is scored against.
+check) to `planted.json` in the pipeline folder (`model.planted` once loaded): the ground truth
+that localization is scored against.
 """
 
 from __future__ import annotations
