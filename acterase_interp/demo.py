@@ -268,11 +268,6 @@ def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) ->
     }
 
 
-def _shows(classifier: ConceptClassifier, concept: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    factor = factor_of(concept)
-    return lambda images: torch.tensor([v == concept for v in classifier.predict(images)[factor]])
-
-
 @dataclass
 class _Evaluation:
     """Fresh evaluation prompts for one concept, with their unpatched images generated once."""
@@ -323,7 +318,7 @@ def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: 
     choice = None
     if auto:
         start = time.perf_counter()
-        choice = choose_tau(model, eraser, pairs, _shows(classifier, concept), seed=seed,
+        choice = choose_tau(model, eraser, pairs, lambda x: classifier.shows(x, concept), seed=seed,
                             num_inference_steps=opts.num_inference_steps)  # fmt: skip
         eraser, fit_s = choice.eraser, fit_s + time.perf_counter() - start
     return pairs, eraser, fit_s, choice

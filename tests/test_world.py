@@ -180,6 +180,9 @@ def test_bundled_classifier_reads_clean_renders():
     for factor in FACTORS:
         accuracy = np.mean([p == getattr(s, factor) for p, s in zip(predicted[factor], scenes)])
         assert accuracy >= 0.99, (factor, accuracy)
+    assert classifier.shows(images, "heart").tolist() == [p == "heart" for p in predicted["shape"]]
+    with pytest.raises(ValueError, match="does not read 'hexagon'"):
+        classifier.shows(images, "hexagon")
 
 
 def test_bundled_classifier_reads_vae_round_trips():

@@ -53,6 +53,13 @@ class ConceptClassifier(nn.Module):
         self.train(was_training)
         return {f: [self.factors[f][i] for i in lg.argmax(-1).tolist()] for f, lg in logits.items()}
 
+    def shows(self, images: torch.Tensor, concept: str) -> torch.Tensor:
+        """Bool per image: does it show `concept` (a value of any factor)? `images` as for `predict`."""
+        factor = next((f for f, values in self.factors.items() if concept in values), None)
+        if factor is None:
+            raise ValueError(f"this classifier does not read {concept!r}; it knows {self.factors}")
+        return torch.tensor([v == concept for v in self.predict(images)[factor]])
+
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
