@@ -32,16 +32,33 @@ CONFIG_KEY = "_acterase"
 private config keys untouched (and `architecture_hash` ignores them), so `save_pretrained` keeps them."""
 
 
-def data_dir() -> Path:
-    """The project's data folder (`$ACTERASE_DATA`, else `data/` beside the package)."""
-    return Path(os.environ.get("ACTERASE_DATA", Path(__file__).resolve().parents[1] / "data"))
+DATA_ENV = "ACTERASE_DATA"
+
+
+def shipped_data_dir() -> Path:
+    """The data the package ships: `acterase_interp/data` in an installed wheel, `data/` in a clone."""
+    package = Path(__file__).resolve().parent
+    return package / "data" if (package / "data").is_dir() else package.parent / "data"
+
+
+def data_path(*parts: str) -> Path:
+    """`$ACTERASE_DATA/<parts>` where that exists, else the shipped `<parts>`: the variable overrides
+    only what it holds (a retrained `conceptworld/` keeps the shipped configs and prompt pairs)."""
+    override = os.environ.get(DATA_ENV)
+    if override:
+        if not Path(override).expanduser().is_dir():
+            raise FileNotFoundError(f"${DATA_ENV} is set to {override!r}, which is not a folder")
+        candidate = Path(override).expanduser().joinpath(*parts)
+        if candidate.exists():
+            return candidate
+    return shipped_data_dir().joinpath(*parts)
 
 
 def conceptworld_dir(name: str = CONCEPTWORLD) -> Path:
     """The folder of a bundled ConceptWorld model ("conceptworld" or "conceptworld-v1")."""
     if name not in WORLDS:
         raise ValueError(f"unknown bundled model {name!r}; choose from {sorted(WORLDS)}")
-    return data_dir() / WORLDS[name]
+    return data_path(WORLDS[name])
 
 
 @dataclass(frozen=True)
@@ -92,10 +109,9 @@ def load_pipeline(
         directory = conceptworld_dir(source) / "pipeline"
         if not (directory / "model_index.json").exists():
             raise FileNotFoundError(
-                f"ConceptWorld weights are missing from {directory}. They live in the repository's "
-                "data/ folder: install from a clone with `pip install -e .`, or point $ACTERASE_DATA at a "
-                "copy of that folder, or train them with `python -m acterase_interp.world.train --out "
-                "data/conceptworld`"
+                f"ConceptWorld weights are missing from {directory}. The package ships them (a wheel "
+                "or a clone of the repository); reinstall it, or point $ACTERASE_DATA at a folder holding "
+                f"{WORLDS[source]}/, or train them with `python -m acterase_interp.world.train --out DIR`"
             )
         source, local_files_only = str(directory), True
     elif Path(source).expanduser().is_dir():

@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from .loading import data_dir
+from .loading import data_path
 from .world.tokenizer import build_tokenizer
 
 VERSIONS: dict[str, str] = {"1.5": "sd15", "2.1": "sd21"}
@@ -29,7 +29,7 @@ def config_dir(version: str) -> Path:
     """The folder holding the configs of SD `version` ("1.5" or "2.1")."""
     if version not in VERSIONS:
         raise ValueError(f"unknown Stable Diffusion version {version!r}; choose from {sorted(VERSIONS)}")
-    directory = data_dir() / "configs" / VERSIONS[version]
+    directory = data_path("configs", VERSIONS[version])
     if not (directory / "unet" / "config.json").exists():
         raise FileNotFoundError(f"no Stable Diffusion {version} configs in {directory}")
     return directory

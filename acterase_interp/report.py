@@ -33,6 +33,7 @@ _DISPLAY_PX = 128  # tiles are enlarged to at least this many pixels wide
 _GAP_PX = 8  # space between tiles
 _LINE_PX = 14  # height of one label line
 _MAX_COLS = 8
+_MODEBAR_PX = 30  # height of plotly's toolbar, which would otherwise cover the first row's labels
 
 
 def _to_uint8(images: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -103,7 +104,7 @@ def image_grid(
     fig.update_xaxes(visible=False)
     fig.update_yaxes(visible=False)
     fig.update_annotations(font_size=11)
-    top = label_px + (40 if title else 8)
+    top = label_px + (40 if title else _MODEBAR_PX)
     fig.update_layout(
         title=title,
         width=width + 20,

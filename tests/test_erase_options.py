@@ -93,7 +93,8 @@ def test_pairs_load_by_name_from_the_data_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("ACTERASE_DATA", str(tmp_path))
     _pairs().save(tmp_path / "prompts" / "mine.json")
     assert PromptPairs.load("mine") == _pairs()
-    with pytest.raises(FileNotFoundError, match=r"no prompt pairs named 'other'.*known: \['mine'\]"):
+    assert PromptPairs.load("conceptworld_heart").concept == "heart"  # the shipped pairs stay visible
+    with pytest.raises(FileNotFoundError, match=r"no prompt pairs named 'other'.*known: \[.*'conceptworld_heart'.*'mine'"):
         PromptPairs.load("other")
     with pytest.raises(FileNotFoundError, match="no prompt pairs file"):
         PromptPairs.load(tmp_path / "missing.json")

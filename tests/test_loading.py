@@ -10,6 +10,7 @@ from nnsight import DiffusionModel
 
 from acterase_interp.generation import generate
 from acterase_interp.loading import architecture_hash, load
+from acterase_interp import loading
 from acterase_interp.random_sd import build_random_sd
 
 PROMPTS = ["a red circle on a plain background", "a blue star on a striped background"]
@@ -104,9 +105,23 @@ def test_missing_local_directory(tmp_path):
 
 
 def test_missing_conceptworld_weights(tmp_path, monkeypatch):
+    (tmp_path / "conceptworld").mkdir()  # an override that holds the model's folder but no weights
     monkeypatch.setenv("ACTERASE_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"pip install -e \..*ACTERASE_DATA.*acterase_interp\.world\.train"):
+    with pytest.raises(FileNotFoundError, match=r"missing from .*conceptworld.*ACTERASE_DATA.*world\.train"):
         load("conceptworld")
+
+
+def test_acterase_data_overrides_only_what_it_holds(tmp_path, monkeypatch):
+    shipped = loading.shipped_data_dir()
+    (tmp_path / "conceptworld").mkdir()
+    monkeypatch.setenv("ACTERASE_DATA", str(tmp_path))
+    assert loading.conceptworld_dir() == tmp_path / "conceptworld"
+    assert loading.conceptworld_dir("conceptworld-v1") == shipped / "conceptworld-v1"
+    assert loading.data_path("configs", "sd15") == shipped / "configs" / "sd15"
+    assert (loading.data_path("prompts", "conceptworld_heart.json")).is_file()
+    monkeypatch.setenv("ACTERASE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="ACTERASE_DATA is set to .*nowhere.*not a folder"):
+        loading.conceptworld_dir()
 
 
 def test_uncached_hub_id_offline(monkeypatch):

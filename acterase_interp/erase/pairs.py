@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io import atomic_write_json
-from ..loading import data_dir
+from ..loading import DATA_ENV, data_path, shipped_data_dir
 
 _LISTS = ("targets", "sources", "heldout", "non_target")
 
@@ -86,14 +86,16 @@ class PromptPairs:
 
     @classmethod
     def load(cls, name_or_path: str | os.PathLike) -> PromptPairs:
-        """Pairs from a JSON file, or by bare name from `data/prompts/<name>.json`."""
+        """Pairs from a JSON file, or by bare name: `prompts/<name>.json` of `$ACTERASE_DATA`, else shipped."""
         path = Path(name_or_path).expanduser()
         if not path.exists() and path.suffix != ".json" and len(path.parts) == 1:
-            folder = data_dir() / "prompts"
-            path = folder / f"{name_or_path}.json"
+            path = data_path("prompts", f"{name_or_path}.json")
             if not path.exists():
-                known = sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
-                raise FileNotFoundError(f"no prompt pairs named {str(name_or_path)!r} in {folder}; known: {known}")
+                folders = [Path(os.environ[DATA_ENV]) / "prompts"] if os.environ.get(DATA_ENV) else []
+                folders.append(shipped_data_dir() / "prompts")
+                known = sorted({p.stem for folder in folders for p in folder.glob("*.json")})
+                where = " or ".join(str(folder) for folder in folders)
+                raise FileNotFoundError(f"no prompt pairs named {str(name_or_path)!r} in {where}; known: {known}")
         if not path.is_file():
             raise FileNotFoundError(f"no prompt pairs file at {path}")
         try:
