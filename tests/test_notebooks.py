@@ -1,38 +1,22 @@
-"""The research notebooks run headless, top to bottom, in their small settings
-(`ACTERASE_NOTEBOOK_SMALL=1`: few pairs, steps, images and seeds), and each ends by printing its
-findings.
-
-The kernel is this interpreter (a kernelspec written to a temporary folder), so the test needs no
-installed kernelspec and cannot pick up another environment's Python."""
+"""The research notebooks are committed executed in full mode (`python -m acterase_interp.notebooks`
+records when, on what and how long in `notebooks/executed.json`), and run headless, top to bottom,
+from a stripped copy in their small settings (`ACTERASE_NOTEBOOK_SMALL=1`: few pairs, steps, images
+and seeds), each ending by printing its findings."""
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 
 import nbformat
 import pytest
-from jupyter_client.kernelspec import KernelSpecManager
-from jupyter_client.manager import KernelManager
-from nbclient import NotebookClient
+
+from acterase_interp.notebooks import RECORD_FILE, execute
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
-KERNEL = "acterase-test"
 CELL_TIMEOUT_S = 900  # generous: CI machines are slow and share their cores
-
-
-@pytest.fixture(scope="module")
-def kernel_specs(tmp_path_factory: pytest.TempPathFactory) -> KernelSpecManager:
-    """A kernelspec that starts an IPython kernel on `sys.executable`."""
-    folder = tmp_path_factory.mktemp("kernels") / KERNEL
-    folder.mkdir()
-    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-            "display_name": "acterase-interp tests", "language": "python"}  # fmt: skip
-    (folder / "kernel.json").write_text(json.dumps(spec))
-    return KernelSpecManager(kernel_dirs=[str(folder.parent)])
+MAX_NOTEBOOK_BYTES = 3_000_000  # outputs included: readable on the web, cheap to clone
 
 
 def test_notebooks_exist():
@@ -44,33 +28,38 @@ def test_notebooks_exist():
     ]
 
 
+def _findings(nb) -> str:
+    cell = next(c for c in reversed(nb.cells) if "findings" in c.metadata.get("tags", []))
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == "stdout")
+
+
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_is_clean(path: Path):
-    """Committed without outputs, opening with a question and a parameters cell, closing with findings."""
+def test_notebook_is_committed_executed_in_full_mode(path: Path):
+    """Opens with a question and a parameters cell, closes with findings, and carries the outputs of a
+    full-mode run that the record describes."""
     nb = nbformat.read(path, as_version=4)
     nbformat.validate(nb)
     code = [c for c in nb.cells if c.cell_type == "code"]
-    assert all(not c.outputs and c.execution_count is None for c in code), "clear the outputs before committing"
     assert nb.cells[0].cell_type == "markdown" and "**Question:**" in nb.cells[0].source
     assert "parameters" in code[0].metadata.get("tags", []) and "ACTERASE_NOTEBOOK_SMALL" in code[0].source
     assert "findings" in code[-1].metadata.get("tags", [])
+    counts = [c.execution_count for c in code]
+    assert counts == list(range(1, len(code) + 1)), "execute it with `python -m acterase_interp.notebooks`"
+    assert not [o for c in code for o in c.outputs if o.output_type == "error"]
+    assert "'SMALL': False" in "".join(o.get("text", "") for o in code[0].outputs), "executed in small mode"
+    assert _findings(nb).count("\n- ") >= 3
+    assert path.stat().st_size <= MAX_NOTEBOOK_BYTES
+    entry = json.loads((path.parent / RECORD_FILE).read_text())[path.stem]
+    assert entry["mode"] == "full" and entry["seconds"] > 0 and entry["commit"] and entry["versions"]["torch"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
-def test_notebook_runs(path: Path, kernel_specs: KernelSpecManager, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("ACTERASE_NOTEBOOK_SMALL", "1")
-    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    monkeypatch.setenv("MPLBACKEND", "agg")
+def test_notebook_runs_in_small_mode(path: Path):
     nb = nbformat.read(path, as_version=4)
-    km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=kernel_specs)
-    client = NotebookClient(nb, km=km, timeout=CELL_TIMEOUT_S, allow_errors=False,
-                            resources={"metadata": {"path": str(path.parent)}})  # fmt: skip
-    client.execute()  # raises CellExecutionError on the first failing cell
-
-    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert not errors
-    findings = next(c for c in reversed(nb.cells) if "findings" in c.metadata.get("tags", []))
-    printed = "".join(o.get("text", "") for o in findings.outputs if o.output_type == "stream" and o.name == "stdout")
+    execute(nb, small=True, cwd=path.parent, timeout_s=CELL_TIMEOUT_S)  # strips it first; raises on a failing cell
+    assert not [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    parameters = next(c for c in nb.cells if c.cell_type == "code")
+    assert "'SMALL': True" in "".join(o.get("text", "") for o in parameters.outputs)
+    printed = _findings(nb)
     assert printed.count("\n- ") >= 3, f"the findings cell printed too little:\n{printed}"
