@@ -142,9 +142,10 @@ def _fit(args: argparse.Namespace) -> None:
         pairs = replace(pairs, targets=pairs.targets[: args.max_pairs], sources=pairs.sources[: args.max_pairs])
     model = load(args.model, device=args.device)
     start = time.perf_counter()
-    eraser = EraserFitter(model, options).fit(pairs)
+    fitter = EraserFitter(model, options)
+    eraser = fitter.fit(pairs)
     fit_s = time.perf_counter() - start
-    eraser.save(args.out)
+    eraser.save(args.out, statistics=fitter.statistics)
     for site, density in eraser.mask_density().items():
         print(f"{site}\t{density:.4f}")
     print(f"fitted {len(pairs)} pairs of {pairs.concept!r} in {fit_s:.1f} s; eraser written to {args.out}")

@@ -314,11 +314,12 @@ def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: 
     pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
     auto = tau == AUTO
     opts = EraseOptions(seed=seed, **options, **({} if auto else {"tau": tau}))
-    eraser, fit_s = _timed(lambda: EraserFitter(model, opts, progress=progress).fit(pairs))
+    fitter = EraserFitter(model, opts, progress=progress)
+    eraser, fit_s = _timed(lambda: fitter.fit(pairs))
     choice = None
     if auto:
         start = time.perf_counter()
-        choice = choose_tau(model, eraser, pairs, lambda x: classifier.shows(x, concept), seed=seed,
+        choice = choose_tau(model, fitter.statistics, pairs, lambda x: classifier.shows(x, concept), seed=seed,
                             num_inference_steps=opts.num_inference_steps)  # fmt: skip
         eraser, fit_s = choice.eraser, fit_s + time.perf_counter() - start
     return pairs, eraser, fit_s, choice

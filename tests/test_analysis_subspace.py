@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from acterase_interp.analysis.patching import count_steps, patched
+from acterase_interp.patching import count_steps, patched
 from acterase_interp.analysis.subspace import SubspacePatch, top_directions, top_units
 from acterase_interp.sites import Site
 

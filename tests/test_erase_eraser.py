@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, merge
+from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, merge
 from acterase_interp.generation import generate
 from acterase_interp.loading import wrap
 from acterase_interp.world.architecture import TEXT_WIDTH, assemble, build_text_encoder, build_vae
@@ -23,9 +23,15 @@ MIXED = ("down.0.0.ffn_hidden", "mid.0.attn2_out", "unet_out")  # an input site,
 
 
 @pytest.fixture(scope="module")
-def eraser(conceptworld) -> Eraser:
+def statistics(conceptworld) -> FitStatistics:
     fitter = EraserFitter(conceptworld, EraseOptions(num_inference_steps=STEPS, tau=0.05), progress=False)
-    return fitter.fit(conceptworld_pairs("triangle", n=2, seed=0))
+    fitter.fit(conceptworld_pairs("triangle", n=2, seed=0))
+    return fitter.statistics
+
+
+@pytest.fixture(scope="module")
+def eraser(statistics) -> Eraser:
+    return Eraser.from_statistics(statistics)
 
 
 @pytest.fixture(scope="module")
@@ -76,11 +82,11 @@ def test_eraser_off_is_the_original_model_bit_for_bit(conceptworld, eraser):
 
 
 @pytest.mark.parametrize("variant", ["fitted", "per_step", "absolute", "mixed"])
-def test_nnsight_patching_equals_torch_hooks(conceptworld, eraser, mixed, variant):
+def test_nnsight_patching_equals_torch_hooks(conceptworld, statistics, eraser, mixed, variant):
     chosen = {
         "fitted": eraser,
-        "per_step": eraser.statistics.eraser(time_mask="per_step", tau=0.2),
-        "absolute": eraser.statistics.eraser(tau=0.3, tau_mode="absolute"),
+        "per_step": statistics.eraser(time_mask="per_step", tau=0.2),
+        "absolute": statistics.eraser(tau=0.3, tau_mode="absolute"),
         "mixed": mixed,
     }[variant]
     with chosen.applied(conceptworld):
@@ -90,7 +96,7 @@ def test_nnsight_patching_equals_torch_hooks(conceptworld, eraser, mixed, varian
 
 def test_per_step_erasers_check_the_step_schedule(conceptworld, mixed):
     hooks = _hook_count(conceptworld)
-    with pytest.raises(RuntimeError, match=f"this per-step eraser was fitted for .* and {STEPS} denoising steps"):
+    with pytest.raises(RuntimeError, match=f"per-step patch .* was fitted for timestep .* and {STEPS} denoising steps"):
         with mixed.applied(conceptworld):
             _images(conceptworld, steps=STEPS + 2)
     assert _hook_count(conceptworld) == hooks
@@ -117,8 +123,7 @@ def test_call_is_eq6_on_every_row(eraser, mixed):
 def test_saturated_replaces_everything_the_values_resolve(eraser, mixed):
     full = eraser.saturated()
     assert set(full.mask_density().values()) == {1.0} and full.manifest["saturated"]
-    assert full.statistics is None and eraser.statistics is not None  # the original is untouched
-    assert full.mask_density() != eraser.mask_density()
+    assert full.mask_density() != eraser.mask_density()  # the original is untouched
     name = "mid.0.ffn_hidden"
     x = torch.randn(4, *eraser.values[name][0].shape)
     assert torch.equal(full(name, x), eraser.values[name][0].expand_as(x))
@@ -154,9 +159,9 @@ def test_mask_density_and_devices(eraser):
 # -- artifacts ----------------------------------------------------------------------------------
 
 
-def test_save_load_round_trip(conceptworld, eraser, tmp_path):
+def test_save_load_round_trip(conceptworld, statistics, eraser, tmp_path):
     path = tmp_path / "eraser"
-    eraser.save(path)
+    eraser.save(path, statistics=statistics)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eraser"]  # no temporary folder left behind
     files = ["eraser.json", "masks.safetensors", "statistics", "values.safetensors"]
     assert sorted(p.name for p in path.iterdir()) == files
@@ -169,14 +174,18 @@ def test_save_load_round_trip(conceptworld, eraser, tmp_path):
     assert all(key in manifest for key in keys)
     assert manifest["options"]["tau"] == 0.05 and manifest["pairs"]["concept"] == "triangle"
     assert manifest["seeds"] == [0, 1] and "torch" in manifest["versions"]
-    again, fresh = back.statistics.eraser(tau=0.2), eraser.statistics.eraser(tau=0.2)
+    again, fresh = FitStatistics.load(path).eraser(tau=0.2), statistics.eraser(tau=0.2)
     assert all(torch.equal(again.masks[k], v) for k, v in fresh.masks.items())
     with back.applied(conceptworld):
         loaded = _images(conceptworld)
     with eraser.applied(conceptworld):
         assert torch.equal(loaded, _images(conceptworld))
-    eraser.save(path, statistics=False)  # replaces the artifact
-    assert Eraser.load(path).statistics is None
+    eraser.save(path)  # replaces the artifact, now without statistics
+    assert sorted(p.name for p in path.iterdir()) == [f for f in files if f != "statistics"]
+    with pytest.raises(FileNotFoundError, match="no fit statistics"):
+        FitStatistics.load(path)
+    with pytest.raises(TypeError, match="fitter.statistics"):
+        eraser.save(path, statistics=True)
 
 
 def test_save_refuses_to_replace_other_folders(eraser, tmp_path):
@@ -201,7 +210,7 @@ def _other_architecture():
 @pytest.mark.filterwarnings("ignore:.*steps_offset")
 def test_artifacts_refuse_another_architecture_or_unknown_sites(conceptworld, eraser, tmp_path):
     path = tmp_path / "eraser"
-    eraser.save(path, statistics=False)
+    eraser.save(path)
     other = _other_architecture()
     with pytest.raises(ValueError, match="fitted on a model with architecture hash"):
         Eraser.load(path, model=other)
@@ -246,16 +255,16 @@ def test_merge_algebra(conceptworld):
     assert three.manifest["concepts"] == ["custom"] * 3 and len(three.manifest["merged_from"]) == 3
 
 
-def test_merging_one_eraser_is_the_identity(conceptworld, eraser, mixed):
-    for single in (eraser, mixed, eraser.statistics.eraser(time_mask="per_step")):
+def test_merging_one_eraser_is_the_identity(conceptworld, statistics, eraser, mixed):
+    for single in (eraser, mixed, statistics.eraser(time_mask="per_step")):
         merged = merge([single])
         assert merged.sites == single.sites
         for n in single.masks:
             assert torch.equal(merged.masks[n], single.masks[n]) and torch.equal(merged.values[n], single.values[n])
 
 
-def test_merged_erasers_apply(conceptworld, eraser):
-    per_step = eraser.statistics.eraser(time_mask="per_step", tau=0.2)
+def test_merged_erasers_apply(conceptworld, statistics, eraser):
+    per_step = statistics.eraser(time_mask="per_step", tau=0.2)
     merged = merge([eraser, per_step])
     assert merged.num_steps == STEPS
     assert all(torch.equal(merged.masks[n], eraser.masks[n] | per_step.masks[n]) for n in eraser.masks)

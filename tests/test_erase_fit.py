@@ -9,9 +9,9 @@ import torch
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs
 from acterase_interp.erase import fit as fit_module
-from acterase_interp.erase._util import envoy_at
 from acterase_interp.erase.fit import follow_source
 from acterase_interp.generation import generate
+from acterase_interp.patching import read_in_trace, write_in_trace
 from acterase_interp.sites import reader_weight_norm, select_sites
 from acterase_interp.world.pairs import conceptworld_pairs
 
@@ -239,12 +239,12 @@ def test_patching_every_attn2_output_reproduces_the_source_image(conceptworld):
     with m.generate([SOURCE], generator=[torch.Generator().manual_seed(0)], **run) as tracer:
         recorded = nnsight.save([])
         for step in tracer.iter[:STEPS]:
-            recorded.append([envoy_at(m.unet, s.module_path).output.clone() for s in sites])
+            recorded.append([read_in_trace(m.unet, s).clone() for s in sites])
         source_image = m.output.images.save()
     with m.generate([TARGET], generator=[torch.Generator().manual_seed(0)], **run) as tracer:
         for step in tracer.iter[:STEPS]:
             for s, x in zip(sites, recorded[step]):
-                envoy_at(m.unet, s.module_path).output = x
+                write_in_trace(m.unet, s, lambda _, x=x: x)
         patched = m.output.images.save()
     target_image = generate(m, [TARGET], seeds=0, num_inference_steps=STEPS, progress=False)
     assert len(recorded) == STEPS and len(recorded[0]) == 7

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from acterase_interp.erase import EraseOptions, PromptPairs
-from acterase_interp.erase.statistics import importance_mask, passes_threshold
+from acterase_interp.erase.masks import importance_mask, passes_threshold
 
 
 def test_defaults_are_the_papers_reading():

@@ -9,6 +9,7 @@ Masks for a new tau, time rule, pair rule or layer subset come from stored `FitS
 only image generation is ever repeated.
 """
 
+from ..patching import count_steps, patched
 from .activations import collect_activations
 from .dimensionality import (
     concept_iou,
@@ -44,7 +45,6 @@ from .localization import (
     token_grid,
     window_mean,
 )
-from .patching import count_steps, patched
 from .probes import probe_accuracy, probe_eraser_sites
 from .records import group_mean, summarize, to_dataframe, where
 from .subspace import SubspacePatch, subspace_efficacy, top_directions, top_units

@@ -11,15 +11,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ..generation import generate, seed_list
+from ..patching import Window, count_steps, hook_site, to_tokens, unet_of
 from ..sites import Site
-from .patching import Window, count_steps, unet_of
 
 ROWS = ("cond", "uncond", "both")
-
-
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """(batch, tokens, units); a UNet output (batch, C, H, W) becomes (batch, H*W, C)."""
-    return x if x.ndim == 3 else x.flatten(2).transpose(1, 2)
 
 
 def collect_activations(
@@ -52,23 +47,18 @@ def collect_activations(
         with ExitStack() as stack:
             counter = stack.enter_context(count_steps(unet))
             for site in sites:
-                module = unet.get_submodule(site.module_path) if site.module_path else unet
 
-                def read(x: Any, name: str = site.name) -> None:
+                def read(x: torch.Tensor, name: str = site.name) -> torch.Tensor:
                     if not counter.within(steps):
-                        return
-                    x = x[0] if isinstance(x, tuple) else getattr(x, "sample", x)
-                    x = _tokens(x.detach()).float().mean(1)  # (batch, units)
-                    if x.shape[0] == 2 * n:  # CFG: [uncond rows, cond rows]
-                        x = {"cond": x[n:], "uncond": x[:n], "both": (x[:n] + x[n:]) / 2}[rows]
-                    sums[name] = sums.get(name, 0) + x.cpu()
+                        return x
+                    mean = to_tokens(x.detach()).float().mean(1)  # (batch, units)
+                    if mean.shape[0] == 2 * n:  # CFG: [uncond rows, cond rows]
+                        mean = {"cond": mean[n:], "uncond": mean[:n], "both": (mean[:n] + mean[n:]) / 2}[rows]
+                    sums[name] = sums.get(name, 0) + mean.cpu()
                     counts[name] = counts.get(name, 0) + 1
+                    return x  # a read: the activation passes unchanged
 
-                if site.io == "input":
-                    handle = module.register_forward_pre_hook(lambda mod, args, read=read: read(args[0]))
-                else:
-                    handle = module.register_forward_hook(lambda mod, args, output, read=read: read(output))
-                stack.callback(handle.remove)
+                stack.callback(hook_site(unet, site, read).remove)
             generate(model, prompts[chunk], seeds=seeds[chunk], num_inference_steps=num_inference_steps,
                      guidance_scale=guidance_scale, batch_size=batch_size, progress=False)  # fmt: skip
         missing = [s.name for s in sites if s.name not in sums]

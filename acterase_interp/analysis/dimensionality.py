@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from ..erase import Eraser, FitStatistics
-from ..erase.statistics import importance_mask
+from ..erase.masks import importance_mask
 from .records import Record
 
 RANK_METHODS = ("variance", "participation")

@@ -19,10 +19,10 @@ from tqdm.auto import tqdm
 from ..generation import generate
 from ..metrics import Classifier, Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
 from ..metrics import preservation as preservation_ratio
+from ..patching import Patch, Window, patched
 from ..provenance import library_versions
 from ..world.captions import WORDS, canonical
 from ..world.factors import FACTORS, Scene, all_scenes
-from .patching import Patch, Window, patched
 from .records import Record
 
 SEED_STRIDE = 100_000

@@ -78,8 +78,9 @@ def score_concept(
     evaluator = Evaluator.from_pairs(model, classifier, pairs, num_inference_steps=steps)
     out: Record = {"concept": concept, "family": record["spec"]["family"], "planted_blocks": truth, "maps": {}}
     for kind in site_kinds:
-        stats = EraserFitter(model, EraseOptions(site_kind=kind, num_inference_steps=steps), progress=progress).fit(
-            pairs).statistics  # fmt: skip
+        fitter = EraserFitter(model, EraseOptions(site_kind=kind, num_inference_steps=steps), progress=progress)
+        fitter.fit(pairs)
+        stats = fitter.statistics
         blocks = {s.name: s.block for s in stats.sites}
         difference = {blocks[n]: p.mean().item() for n, p in stats.difference().items()}
         rows = causal_map(eraser_measure(stats, evaluator, tau=CAUSAL_TAU, seeds=seeds), layers_of(stats),

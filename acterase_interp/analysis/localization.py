@@ -14,8 +14,8 @@ import torch
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from ..patching import Window
 from ..world.factors import factor_of
-from .patching import Window
 from .records import Record, column, group_mean
 
 if TYPE_CHECKING:

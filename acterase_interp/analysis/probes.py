@@ -20,9 +20,9 @@ from sklearn.preprocessing import StandardScaler
 from tqdm.auto import tqdm
 
 from ..erase import Eraser
+from ..patching import Window
 from .activations import collect_activations
 from .dimensionality import unit_masks
-from .patching import Window
 from .records import Record
 
 RANDOM_POOLS = ("all", "complement")

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tqdm.auto import tqdm
 
+from ..patching import Window, patched
 from ..sites import Site
-from .patching import Window, patched
 from .records import Record
 
 if TYPE_CHECKING:

@@ -1,10 +1,11 @@
 """ActErase: training-free concept erasure by activation patching (arXiv 2601.00267).
 
     pairs = PromptPairs.load("nudity")
-    eraser = EraserFitter(model, EraseOptions(tau=0.01)).fit(pairs)
+    fitter = EraserFitter(model, EraseOptions(tau=0.01))
+    eraser = fitter.fit(pairs)
     with eraser.applied(model):
         images = generate(model, prompts)
-    looser = eraser.statistics.eraser(tau=0.02)  # re-threshold without the model
+    looser = Eraser.from_statistics(fitter.statistics, tau=0.02)  # re-threshold without the model
 """
 
 from .eraser import Eraser

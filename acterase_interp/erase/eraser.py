@@ -1,6 +1,7 @@
 """The fitted eraser: per-site masks and replacement values, applied as x <- M * x_avg + (1 - M) * x
 (Eq. 6) at every denoising step, either by torch hooks (`applied`, an on/off switch for any
-pipeline call) or inside a user's nnsight trace (`apply`)."""
+pipeline call) or inside a user's nnsight trace (`apply`); both go through `acterase_interp.patching`.
+An eraser is tensors and provenance only: it keeps no reference to the statistics it came from."""
 
 from __future__ import annotations
 
@@ -16,21 +17,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file
 
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
 from ..loading import architecture_hash
+from ..patching import StepSchedule, from_tokens, patch_in_trace, patched, to_tokens, unet_of
 from ..provenance import library_versions
 from ..sites import UNET_OUT, Site
-from ._util import (
-    envoy_at,
-    from_tokens,
-    site_from_dict,
-    site_table,
-    site_to_dict,
-    timestep_value,
-    to_tokens,
-    unet_of,
-    write_artifact_dir,
-)
+from ._util import site_from_dict, site_table, site_to_dict
+from .masks import importance_mask
 
 if TYPE_CHECKING:
     from .statistics import FitStatistics
@@ -59,7 +52,7 @@ class Eraser:
     Tensors are canonical 3-D, an axis of length 1 meaning "the same for every step / token":
     a mask is bool (1, 1, units) per unit, (1, tokens, units) per (token, unit), and (steps, ...)
     per step; a value is (1, tokens, units), or (steps, tokens, units) per step. Per-step tensors
-    need the step index: `apply` takes it, `applied` counts UNet calls."""
+    need the step index: `apply` takes it, `applied` counts UNet calls (`schedule`)."""
 
     sites: tuple[Site, ...]
     """The patched sites, in execution order."""
@@ -70,8 +63,6 @@ class Eraser:
     manifest: dict[str, Any] = field(repr=False)
     """JSON provenance: architecture_hash (required), options, pairs, seeds, steps, timesteps,
     scheduler, library versions (merged erasers: `merged_from`, one manifest per part)."""
-    statistics: FitStatistics | None = field(default=None, repr=False)
-    """The fit's statistics, if kept: `statistics.eraser(tau=...)` re-thresholds without the model."""
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sites]
@@ -109,6 +100,34 @@ class Eraser:
         steps = self.num_steps
         return f"Eraser(concept={concept!r}, sites={len(self.sites)}, steps={steps}, mean mask density={density:.4f})"
 
+    @classmethod
+    def from_statistics(
+        cls,
+        statistics: FitStatistics,
+        tau: float | None = None,
+        *,
+        tau_mode: str | None = None,
+        time_mask: str | None = None,
+        pair_combine: str | None = None,
+        blocks: tuple[str, ...] | list[str] | None = None,
+        granularity: str | None = None,
+    ) -> Eraser:
+        """The eraser of stored fit statistics (Eq. 5 masks, the fitted values), without running
+        the model; arguments left None keep the fit's options (`blocks` must name fitted blocks).
+        `statistics.eraser(...)` is the same call."""
+        changes = dict(tau=tau, tau_mode=tau_mode, time_mask=time_mask, pair_combine=pair_combine, blocks=blocks)
+        changes["granularity"] = granularity
+        options = replace(statistics.options, **{k: v for k, v in changes.items() if v is not None})
+        token = options.granularity == "token_unit"
+        if token and not statistics.token_importance_source:
+            raise ValueError("granularity='token_unit' needs a fit with granularity='token_unit'; this one is per unit")
+        sites = statistics.sites_in(options.blocks)
+        source = statistics.token_importance_source if token else statistics.importance_source
+        target = statistics.token_importance_target if token else statistics.importance_target
+        masks = {s.name: importance_mask(source[s.name], target[s.name], options) for s in sites}
+        values = {s.name: statistics.values[s.name] for s in sites}
+        return cls(sites=sites, masks=masks, values=values, manifest=statistics.manifest(options))
+
     # -- properties -------------------------------------------------------------
 
     @property
@@ -116,6 +135,15 @@ class Eraser:
         """Length of the steps axis of per-step masks or values; None if nothing is per step."""
         steps = {t.shape[0] for d in (self.masks, self.values) for t in d.values()} - {1}
         return next(iter(steps), None)
+
+    @property
+    def schedule(self) -> StepSchedule | None:
+        """The steps a per-step eraser was fitted for (with the manifest's timesteps where it has
+        them), which the hooks path counts and checks; None if nothing is per step."""
+        if self.num_steps is None:
+            return None
+        timesteps = self.manifest.get("timesteps")
+        return StepSchedule(self.num_steps, tuple(timesteps) if timesteps else None)
 
     def mask_density(self) -> dict[str, float]:
         """Per site, the share of mask entries that are on (over all its axes)."""
@@ -152,81 +180,27 @@ class Eraser:
     @contextmanager
     def applied(self, model: Any) -> Iterator[Eraser]:
         """Switch the eraser on for `model` (an acterase model or a diffusers pipeline) inside the
-        `with` block, via torch hooks on its UNet: every pipeline call is patched (nnsight traces
-        too). The hooks are removed on exit, even on an exception, leaving the model as it was.
+        `with` block, via torch hooks on its UNet (`patching.patched`): every pipeline call is
+        patched (nnsight traces too). The hooks are removed on exit, even on an exception, leaving
+        the model as it was.
 
-        Per-step erasers count UNet calls (a pre-hook on the UNet): the i-th call inside the block
-        is step i mod num_steps, checked against the fitted timesteps where the manifest has them,
-        so generate with the fitted scheduler and step count."""
-        self.check_model(model)
-        unet = unet_of(model)
-        live = self.to(unet.device)  # one copy now rather than one per call
-        state = {"calls": 0, "step": None}
-        handles = []
-        try:
-            if self.num_steps is not None:
-                handles.append(unet.register_forward_pre_hook(live._step_counter(state), with_kwargs=True))
-            for site in self.sites:
-                module = unet.get_submodule(site.module_path) if site.module_path else unet
-                if site.io == "input":
-                    handles.append(module.register_forward_pre_hook(live._input_hook(site.name, state)))
-                else:
-                    handles.append(module.register_forward_hook(live._output_hook(site.name, state)))
+        Per-step erasers take the step from the step counter: runs are `num_steps` UNet calls long,
+        each checked against the fitted timesteps where the manifest has them, so generate with the
+        fitted scheduler and step count."""
+        live = self.to(unet_of(model).device)  # one copy now rather than one per call
+        with patched(model, live):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _step_counter(self, state: dict) -> Any:
-        timesteps = self.manifest.get("timesteps")
-
-        def count(module: Any, args: tuple, kwargs: dict) -> None:
-            step = state["calls"] % self.num_steps
-            state["calls"] += 1
-            state["step"] = step
-            timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-            if timesteps and timestep is not None and timestep_value(timestep) != timesteps[step]:
-                raise RuntimeError(
-                    f"UNet call {state['calls'] - 1} is at timestep {timestep_value(timestep)}, but this per-step "
-                    f"eraser was fitted for {timesteps[step]} at step {step}: generate with the fitted scheduler and "
-                    f"{self.num_steps} denoising steps, one generation at a time"
-                )
-
-        return count
-
-    def _input_hook(self, name: str, state: dict) -> Any:
-        def hook(module: Any, args: tuple) -> tuple:
-            return (self(name, args[0], state["step"]), *args[1:])
-
-        return hook
-
-    def _output_hook(self, name: str, state: dict) -> Any:
-        def hook(module: Any, args: tuple, output: Any) -> Any:
-            if isinstance(output, torch.Tensor):
-                return self(name, output, state["step"])
-            if isinstance(output, tuple):  # the UNet called with return_dict=False
-                return (self(name, output[0], state["step"]), *output[1:])
-            return type(output)(sample=self(name, output.sample, state["step"]))
-
-        return hook
 
     def apply(self, model: Any, step: int | None = None) -> None:
-        """Patch every site inside a running nnsight trace, at one denoising step:
+        """Patch every site inside a running nnsight trace, at one denoising step
+        (`patching.patch_in_trace`):
 
             with model.generate(prompts, num_inference_steps=n, ...) as tracer:
                 for step in tracer.iter[:n]:
                     eraser.apply(model, step)
 
-        Sites are visited in execution order, each by whole-tensor assignment."""
-        for site in self.sites:
-            envoy = envoy_at(model.unet, site.module_path)
-            if site.kind == UNET_OUT:
-                output = envoy.output
-                envoy.output = (self(site.name, output[0], step), *output[1:])
-            elif site.io == "output":
-                envoy.output = self(site.name, envoy.output, step)
-            else:
-                envoy.input = self(site.name, envoy.input, step)
+        Sites are visited in execution order, each by whole-value assignment."""
+        patch_in_trace(model, self, step)
 
     # -- model checks, devices --------------------------------------------------
 
@@ -247,13 +221,12 @@ class Eraser:
     def saturated(self) -> Eraser:
         """A copy with every mask entry on: each unit (and token, and step, as far as the values
         resolve them) is replaced by its value. The ceiling of what any tau can do at these sites:
-        if the concept survives it, no mask there erases it. The fit statistics are dropped: these
-        masks do not come from a threshold."""
+        if the concept survives it, no mask there erases it."""
         masks = {n: torch.ones(v.shape, dtype=torch.bool, device=v.device) for n, v in self.values.items()}
-        return replace(self, masks=masks, manifest={**self.manifest, "saturated": True}, statistics=None)
+        return replace(self, masks=masks, manifest={**self.manifest, "saturated": True})
 
     def to(self, device: str | torch.device) -> Eraser:
-        """A copy with masks and values on `device` (statistics stay on the CPU)."""
+        """A copy with masks and values on `device`."""
         return replace(
             self,
             masks={k: v.to(device) for k, v in self.masks.items()},
@@ -262,29 +235,33 @@ class Eraser:
 
     # -- artifacts ----------------------------------------------------------------
 
-    def save(self, path: str | os.PathLike, *, statistics: bool = True) -> None:
+    def save(self, path: str | os.PathLike, *, statistics: FitStatistics | None = None) -> None:
         """Write the eraser to a folder, atomically: masks and values as safetensors, the
-        manifest (with sites and library versions) as JSON, and the fit statistics if kept and
-        `statistics` is True (so a loaded eraser can still be re-thresholded)."""
+        manifest (with sites and library versions) as JSON, and, if given, the fit `statistics`
+        in `statistics/` (then `FitStatistics.load(path)` re-thresholds it later)."""
+        if statistics is not None:
+            if isinstance(statistics, bool) or not hasattr(statistics, "write_to"):
+                raise TypeError(f"statistics must be FitStatistics (e.g. fitter.statistics), got {statistics!r}")
+            if statistics.architecture_hash != self.manifest["architecture_hash"]:
+                raise ValueError("these statistics were fitted on another architecture than the eraser")
 
         def write(folder: Path) -> None:
             atomic_save_safetensors(self.masks, folder / MASKS)
             atomic_save_safetensors(self.values, folder / VALUES)
-            if statistics and self.statistics is not None:
+            if statistics is not None:
                 (folder / STATISTICS).mkdir()
-                self.statistics.write_to(folder / STATISTICS)
+                statistics.write_to(folder / STATISTICS)
             manifest = {"format": FORMAT, **self.manifest, "sites": [site_to_dict(s) for s in self.sites]}
             manifest.setdefault("versions", library_versions())
             atomic_write_json(manifest, folder / MANIFEST)
 
-        write_artifact_dir(path, MANIFEST, write)
+        atomic_write_dir(path, MANIFEST, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike, model: Any = None) -> Eraser:
-        """An eraser written by `save`. With `model`, checks that it has the fitted architecture
-        and sites, and moves the tensors to its device."""
-        from .statistics import FitStatistics
-
+        """An eraser written by `save` (any statistics beside it stay on disk: `FitStatistics.load`).
+        With `model`, checks that it has the fitted architecture and sites, and moves the tensors
+        to its device."""
         folder = Path(path).expanduser()
         if not (folder / MANIFEST).is_file():
             raise FileNotFoundError(f"no eraser in {folder} (expected {MANIFEST})")
@@ -292,8 +269,7 @@ class Eraser:
         if manifest.pop("format", None) != FORMAT:
             raise ValueError(f"{folder / MANIFEST} is not an {FORMAT} manifest")
         sites = tuple(site_from_dict(s) for s in manifest.pop("sites"))
-        stats = FitStatistics.load(folder / STATISTICS) if (folder / STATISTICS).is_dir() else None
-        eraser = cls(sites, load_file(folder / MASKS), load_file(folder / VALUES), manifest, stats)
+        eraser = cls(sites, load_file(folder / MASKS), load_file(folder / VALUES), manifest)
         if model is not None:
             eraser.check_model(model)
             eraser = eraser.to(unet_of(model).device)

@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 
 from ..generation import seed_list
 from ..loading import architecture_hash
+from ..patching import call_timestep, read_in_trace, rewrap, to_tokens, unwrap
 from ..provenance import library_versions
 from ..sites import UNET_OUT, Site, reader_weight_norm, select_sites
-from ._util import envoy_at, site_table, timestep_value, to_tokens
+from ._util import site_table
 from .eraser import Eraser
 from .options import EraseOptions
 from .pairs import PromptPairs
@@ -126,8 +127,8 @@ class EraserFitter:
         return self.eraser()
 
     def eraser(self, **overrides: Any) -> Eraser:
-        """The eraser of the statistics so far; `overrides` as in `FitStatistics.eraser`."""
-        return self.statistics.eraser(**overrides)
+        """The eraser of the statistics so far; `overrides` as in `Eraser.from_statistics`."""
+        return Eraser.from_statistics(self.statistics, **overrides)
 
     @property
     def statistics(self) -> FitStatistics:
@@ -191,23 +192,22 @@ class EraserFitter:
         ) as tracer:
             for step in tracer.iter[:n]:
                 args, kwargs = model.unet.inputs
-                self._check_step(step, args[0], args[1] if len(args) > 1 else kwargs["timestep"])
+                self._check_step(step, args[0], call_timestep(args, kwargs))
                 for site in inner:  # execution order, as nnsight requires
-                    envoy = envoy_at(model.unet, site.module_path)
-                    self._record(record, site, step, envoy.output if site.io == "output" else envoy.input)
+                    self._record(record, site, step, read_in_trace(model.unet, site))
                 output = model.unet.output
                 if out_site is not None:
-                    self._record(record, out_site, step, output[0])
-                model.unet.output = (follow_source(output[0]), *output[1:])  # whole-output assignment
+                    self._record(record, out_site, step, unwrap(output))
+                model.unet.output = rewrap(output, follow_source(unwrap(output)))  # whole-output assignment
                 done.append(step)
                 bar.update(1)
         if done != list(range(n)):
             raise RuntimeError(f"the collection run covered steps {done}, expected all {n} UNet calls")
 
-    def _check_step(self, step: int, sample: torch.Tensor, timestep: Any) -> None:
-        if timestep_value(timestep) != self.timesteps[step]:
+    def _check_step(self, step: int, sample: torch.Tensor, timestep: float) -> None:
+        if timestep != self.timesteps[step]:
             raise RuntimeError(
-                f"UNet call {step} ran at timestep {timestep_value(timestep)}, expected {self.timesteps[step]}: "
+                f"UNet call {step} ran at timestep {timestep}, expected {self.timesteps[step]}: "
                 "the scheduler did not follow its own timestep schedule"
             )
         if not torch.equal(sample[0::2], sample[1::2]):

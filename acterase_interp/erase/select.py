@@ -15,6 +15,7 @@ import torch
 from ..generation import generate
 from .eraser import Eraser
 from .pairs import PromptPairs
+from .statistics import FitStatistics
 
 TAU_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 """Fractions of units tried, smallest first (`tau_mode="fraction"`)."""
@@ -39,7 +40,7 @@ class TauChoice:
 
 def choose_tau(
     model,
-    eraser: Eraser,
+    statistics: FitStatistics,
     pairs: PromptPairs,
     shows_concept: Callable[[torch.Tensor], torch.Tensor],
     *,
@@ -50,11 +51,11 @@ def choose_tau(
     num_inference_steps: int | None = None,
     progress: bool = False,
 ) -> TauChoice:
-    """Try `taus` in increasing order on `eraser`'s stored statistics and return the first whose
-    erased images of `pairs.targets` show the concept (`shows_concept`: images in [0, 1] -> bool
-    per image) in at most `max_rate` of them. Stops at the first success."""
-    if eraser.statistics is None:
-        raise ValueError("choose_tau needs an eraser that kept its fit statistics")
+    """Try `taus` in increasing order on a fit's `statistics` (`fitter.statistics`) and return
+    the first whose erased images of `pairs.targets` show the concept (`shows_concept`: images in
+    [0, 1] -> bool per image) in at most `max_rate` of them. Stops at the first success."""
+    if not isinstance(statistics, FitStatistics):
+        raise TypeError(f"choose_tau re-thresholds fit statistics (fitter.statistics), got {type(statistics).__name__}")
     if not taus or sorted(taus) != list(taus):
         raise ValueError(f"taus must be a non-empty increasing sequence, got {taus}")
     if seeds_per_prompt < 1:
@@ -64,9 +65,8 @@ def choose_tau(
     rule = (f"smallest tau in {list(taus)} whose eraser leaves the concept in <= {max_rate:.0%} of the "
             f"{len(pairs.targets)} fit targets x {seeds_per_prompt} seeds (seeds {seeds[0]}-{seeds[-1]})")  # fmt: skip
     trace: list[dict] = []
-    candidate = eraser
     for tau in taus:
-        candidate = eraser.statistics.eraser(tau=tau, tau_mode="fraction")
+        candidate = statistics.eraser(tau=tau, tau_mode="fraction")
         with candidate.applied(model):
             images = generate(model, prompts, seeds=seeds, num_inference_steps=num_inference_steps, progress=progress)
         rate = shows_concept(images).float().mean().item()

@@ -1,27 +1,25 @@
 """What a fit collects, kept so that a new threshold, time or pair rule gives a new eraser without
 running the model again: per site, the importance of every unit at every (pair, step) for the
-source and the target prompt, the mean source activations, and per-pair mean activations."""
+source and the target prompt, the mean source activations, and per-pair mean activations.
+Statistics build erasers (`eraser`, i.e. `Eraser.from_statistics`); erasers never point back."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
 from ..sites import Site, select_sites
-from ._util import site_from_dict, site_to_dict, write_artifact_dir
+from ._util import site_from_dict, site_to_dict
+from .eraser import STATISTICS, Eraser
 from .options import EraseOptions
 from .pairs import PromptPairs
-
-if TYPE_CHECKING:
-    from .eraser import Eraser
 
 FORMAT = "acterase-statistics/1"
 MANIFEST = "statistics.json"
@@ -37,46 +35,6 @@ _TENSOR_FIELDS = (
     "mean_source",
     "mean_target",
 )
-
-
-def passes_threshold(scores: torch.Tensor, tau: float, tau_mode: str) -> torch.Tensor:
-    """Which entries of `scores` (pair, step, *layer) pass the importance threshold, judged
-    separately for every (pair, step) over the whole layer (its units, or its (token, unit) entries).
-
-    `fraction`: the ceil(tau * n) largest of the layer's n entries pass (ties at the cut pass too).
-    `absolute`: an entry passes when score / (the layer's largest score) >= tau."""
-    flat = scores.flatten(2)
-    if tau_mode == "fraction":
-        k = max(1, math.ceil(tau * flat.shape[-1] - 1e-9))  # the epsilon keeps 0.3 * 10 at 3
-        cut = flat.topk(k, dim=-1).values[..., -1:]
-        return (flat >= cut).view_as(scores)
-    top = flat.amax(dim=-1, keepdim=True)
-    normalised = torch.where(top > 0, flat / top.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return (normalised >= tau).view_as(scores)
-
-
-def _combine(masks: torch.Tensor, rule: str, dim: int) -> torch.Tensor:
-    """Combine boolean masks along `dim` by a rule: union, intersection, strict majority, last."""
-    if rule == "union":
-        return masks.any(dim)
-    if rule == "intersection":
-        return masks.all(dim)
-    if rule == "majority":
-        return masks.sum(dim) * 2 > masks.shape[dim]
-    if rule == "last":
-        return masks.select(dim, -1)
-    raise ValueError(f"unknown combination rule {rule!r}")
-
-
-def importance_mask(source: torch.Tensor, target: torch.Tensor, options: EraseOptions) -> torch.Tensor:
-    """Eq. 5 per (pair, step), M = (I_s passes the threshold) AND (I_s < I_t), then combined over
-    steps (per pair) and then over pairs. `source`/`target`: (pair, step, unit) or
-    (pair, step, token, unit). Returns a bool mask (steps or 1, tokens or 1, units)."""
-    masks = passes_threshold(source, options.tau, options.tau_mode) & (source < target)
-    if options.time_mask != "per_step":
-        masks = _combine(masks, options.time_mask, dim=1).unsqueeze(1)
-    mask = _combine(masks, options.pair_combine, dim=0)
-    return mask if mask.ndim == 3 else mask.unsqueeze(1)
 
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value: equality is identity
@@ -139,34 +97,14 @@ class FitStatistics:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    def eraser(
-        self,
-        tau: float | None = None,
-        *,
-        tau_mode: str | None = None,
-        time_mask: str | None = None,
-        pair_combine: str | None = None,
-        blocks: tuple[str, ...] | list[str] | None = None,
-        granularity: str | None = None,
-    ) -> Eraser:
-        """An eraser from the stored scores, without running the model; arguments left None keep
-        the fit's options (`blocks` must name fitted blocks)."""
-        from .eraser import Eraser
+    def eraser(self, tau: float | None = None, **options: Any) -> Eraser:
+        """An eraser from the stored scores, without running the model: `Eraser.from_statistics`
+        (`tau`, `tau_mode`, `time_mask`, `pair_combine`, `blocks`, `granularity`; None keeps the
+        fit's option)."""
+        return Eraser.from_statistics(self, tau, **options)
 
-        changes = dict(tau=tau, tau_mode=tau_mode, time_mask=time_mask, pair_combine=pair_combine, blocks=blocks)
-        changes["granularity"] = granularity
-        options = replace(self.options, **{k: v for k, v in changes.items() if v is not None})
-        if options.granularity == "token_unit" and not self.token_importance_source:
-            raise ValueError("granularity='token_unit' needs a fit with granularity='token_unit'; this one is per unit")
-        sites = self._sites_in(options.blocks)
-        token = options.granularity == "token_unit"
-        source = self.token_importance_source if token else self.importance_source
-        target = self.token_importance_target if token else self.importance_target
-        masks = {s.name: importance_mask(source[s.name], target[s.name], options) for s in sites}
-        values = {s.name: self.values[s.name] for s in sites}
-        return Eraser(sites=tuple(sites), masks=masks, values=values, manifest=self.manifest(options), statistics=self)
-
-    def _sites_in(self, blocks: tuple[str, ...] | None) -> tuple[Site, ...]:
+    def sites_in(self, blocks: tuple[str, ...] | list[str] | None) -> tuple[Site, ...]:
+        """The fitted sites of `blocks` (None: all), in execution order; unfitted blocks are an error."""
         if blocks is None:
             return self.sites
         try:
@@ -209,7 +147,7 @@ class FitStatistics:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a folder (safetensors + JSON), atomically."""
-        write_artifact_dir(path, MANIFEST, self.write_to)
+        atomic_write_dir(path, MANIFEST, self.write_to)
 
     def write_to(self, folder: Path) -> None:
         """Write the files into an existing folder (the atomic wrapper is the caller's)."""
@@ -221,8 +159,10 @@ class FitStatistics:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FitStatistics:
-        """Statistics written by `save`."""
+        """Statistics written by `save`, or stored beside an eraser by `Eraser.save(path, statistics=...)`."""
         folder = Path(path).expanduser()
+        if not (folder / MANIFEST).is_file() and (folder / STATISTICS / MANIFEST).is_file():
+            folder = folder / STATISTICS
         if not (folder / MANIFEST).is_file() or not (folder / TENSORS).is_file():
             raise FileNotFoundError(f"no fit statistics in {folder} (expected {MANIFEST} and {TENSORS})")
         meta = json.loads((folder / MANIFEST).read_text())
