@@ -76,7 +76,7 @@ def build_random_sd(
     `sample_size` sets the UNet's latent side (default: the real 64 for SD 1.5/2.1, i.e. 512-pixel
     images, 128 for SDXL, 1024 pixels); a small one such as 16 keeps CPU runs cheap without
     changing any weight shape. Float32 parameters: about 1.1 (SD 1.5) to 1.3 (SD 2.1) billion,
-    4-5 GB; SDXL 3.5 billion (UNet 2.57), 14 GB; "xl-tiny" 5 million. `device="meta"` builds
+    4-5 GB; SDXL 3.5 billion (UNet 2.57), 14 GB; "xl-tiny" 27 million. `device="meta"` builds
     the modules without memory or weights: enough for site tables, shapes and memory budgets.
 
     The tokenizers are ConceptWorld's offline one, since CLIP's BPE vocabulary cannot be downloaded:
