@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub import hf_hub_download
 from nnsight import DiffusionModel
 from nnsight.modeling.diffusion import _PipelineModule
 
@@ -134,8 +135,12 @@ def load_pipeline(
 
 
 def _pipeline_class(source: str, local_files_only: bool) -> type[Pipeline]:
-    """The pipeline class that `model_index.json` of `source` declares, if the toolkit runs it."""
-    name = DiffusionPipeline.load_config(source, local_files_only=local_files_only)["_class_name"]
+    """The pipeline class that `model_index.json` of `source` (a folder or a hub id) declares, if
+    the toolkit runs it."""
+    index = Path(source) / "model_index.json"
+    if not Path(source).is_dir():  # a hub id: the file from the cache, or downloaded
+        index = Path(hf_hub_download(source, "model_index.json", local_files_only=local_files_only))
+    name = json.loads(index.read_text()).get("_class_name")
     for cls in PIPELINE_KWARGS:
         if cls.__name__ == name:
             return cls
