@@ -28,7 +28,7 @@ from diffusers import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from .loading import data_dir
+from .loading import Pipeline, data_dir
 from .world.tokenizer import build_tokenizer
 
 VERSIONS: dict[str, str] = {"1.5": "sd15", "2.1": "sd21", "xl": "sdxl", "xl-tiny": "sdxl-tiny"}
@@ -68,7 +68,7 @@ def _text_encoder(directory: Path, name: str) -> CLIPTextModel | CLIPTextModelWi
 
 def build_random_sd(
     version: str, seed: int = 0, sample_size: int | None = None, *, device: str = "cpu"
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+) -> Pipeline:
     """A pipeline with SD `version`'s architecture ("1.5", "2.1", "xl" or "xl-tiny") and random
     weights drawn from `seed`, sampled with DPM-Solver++ on the version's noise schedule: a
     `StableDiffusionPipeline`, or for "xl"/"xl-tiny" a `StableDiffusionXLPipeline`.
@@ -76,7 +76,7 @@ def build_random_sd(
     `sample_size` sets the UNet's latent side (default: the real 64 for SD 1.5/2.1, i.e. 512-pixel
     images, 128 for SDXL, 1024 pixels); a small one such as 16 keeps CPU runs cheap without
     changing any weight shape. Float32 parameters: about 1.1 (SD 1.5) to 1.3 (SD 2.1) billion,
-    4-5 GB; SDXL 3.5 billion (UNet 2.57), 14 GB; "xl-tiny" 27 million. `device="meta"` builds
+    4-5 GB; SDXL 3.47 billion (UNet 2.57), 13.9 GB; "xl-tiny" 27 million. `device="meta"` builds
     the modules without memory or weights: enough for site tables, shapes and memory budgets.
 
     The tokenizers are ConceptWorld's offline one, since CLIP's BPE vocabulary cannot be downloaded:
