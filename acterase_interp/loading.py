@@ -1,5 +1,5 @@
-"""One entry point for models: ConceptWorld (bundled), any SD 1.x/2.x diffusers pipeline, or a
-pipeline object, returned wrapped for nnsight tracing with the raw pipeline at `.pipeline`."""
+"""One entry point for models: ConceptWorld (bundled), any SD 1.x/2.x or SDXL diffusers pipeline,
+or a pipeline object, returned wrapped for nnsight tracing with the raw pipeline at `.pipeline`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from huggingface_hub import hf_hub_download
 from nnsight import DiffusionModel
 from nnsight.modeling.diffusion import _PipelineModule
 
@@ -30,6 +31,14 @@ PLANTED_FILE = "planted.json"  # the ground truth of planted concepts, beside a 
 CONFIG_KEY = "_acterase"
 """Key of the generation defaults and planted records in the UNet's config: diffusers saves and reloads
 private config keys untouched (and `architecture_hash` ignores them), so `save_pretrained` keeps them."""
+
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
+"""The pipelines the toolkit runs: SD 1.x/2.x (one text encoder) and SDXL (two, pooled embeddings, time ids)."""
+PIPELINE_KWARGS: dict[type, dict] = {
+    StableDiffusionPipeline: {"safety_checker": None, "requires_safety_checker": False},
+    StableDiffusionXLPipeline: {"add_watermarker": False},  # the invisible watermark would alter every image
+}
+"""Pipeline class -> keyword arguments `load_pipeline` gives its `from_pretrained`."""
 
 
 DATA_ENV = "ACTERASE_DATA"
@@ -79,7 +88,7 @@ def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _read_manifest(directory: Path, pipeline: StableDiffusionPipeline) -> tuple[GenerationDefaults, list[dict]]:
+def _read_manifest(directory: Path, pipeline: Pipeline) -> tuple[GenerationDefaults, list[dict]]:
     """Generation defaults and planted records of a pipeline folder: from their own files, else
     from the UNet config (where `save_pretrained` of a loaded model wrote them)."""
     saved = pipeline.unet.config.get(CONFIG_KEY) or {}
@@ -102,8 +111,8 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
-) -> StableDiffusionPipeline:
-    """The raw diffusers pipeline for a name, a local directory or a hub id."""
+) -> Pipeline:
+    """The raw diffusers pipeline (SD 1.x/2.x or SDXL) for a name, a local directory or a hub id."""
     source = str(name_or_path)
     if source in WORLDS:
         directory = conceptworld_dir(source) / "pipeline"
@@ -129,10 +138,9 @@ def load_pipeline(
     quiet = _ExpectedTypes()
     pipeline_logger.addFilter(quiet)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, dtype=dtype, local_files_only=local_files_only, safety_checker=None, requires_safety_checker=False,
-            **text,
-        )
+        cls = _pipeline_class(source, local_files_only)
+        options = dict(dtype=dtype, local_files_only=local_files_only, **PIPELINE_KWARGS[cls], **text)
+        pipe = cls.from_pretrained(source, **options)
     except OSError as err:
         where = "in the local cache (local_files_only=True)" if local_files_only else "locally or on the hub"
         raise FileNotFoundError(f"could not load pipeline weights for {source!r} {where}: {err}") from err
@@ -142,8 +150,22 @@ def load_pipeline(
     return pipe.to(device)
 
 
+def _pipeline_class(source: str, local_files_only: bool) -> type[Pipeline]:
+    """The pipeline class that `model_index.json` of `source` (a folder or a hub id) declares, if
+    the toolkit runs it."""
+    index = Path(source) / "model_index.json"
+    if not Path(source).is_dir():  # a hub id: the file from the cache, or downloaded
+        index = Path(hf_hub_download(source, "model_index.json", local_files_only=local_files_only))
+    name = json.loads(index.read_text()).get("_class_name")
+    for cls in PIPELINE_KWARGS:
+        if cls.__name__ == name:
+            return cls
+    known = ", ".join(cls.__name__ for cls in PIPELINE_KWARGS)
+    raise ValueError(f"{source!r} is a {name}; acterase_interp runs {known} (UNet text-to-image pipelines)")
+
+
 def wrap(
-    pipeline: StableDiffusionPipeline, defaults: GenerationDefaults | None = None, planted: list[dict] | None = None
+    pipeline: Pipeline, defaults: GenerationDefaults | None = None, planted: list[dict] | None = None
 ) -> DiffusionModel:
     """Wrap a ready pipeline for nnsight tracing; `model.pipeline` is the pipeline itself,
     `model.defaults` its generation defaults and `model.planted` the records of its planted
@@ -164,26 +186,36 @@ def wrap(
 
 
 def load(
-    name_or_path: str | os.PathLike | StableDiffusionPipeline = CONCEPTWORLD,
+    name_or_path: str | os.PathLike | Pipeline = CONCEPTWORLD,
     *,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
 ) -> DiffusionModel:
     """A traceable model: "conceptworld" (bundled v2, offline), "conceptworld-v1", a local pipeline
-    directory, a hub id, or a `StableDiffusionPipeline` object. `model.pipeline` is the raw
-    pipeline, `model.defaults` its generation defaults and `model.planted` its planted concepts."""
-    if isinstance(name_or_path, StableDiffusionPipeline):
+    directory or a hub id (SD 1.x/2.x or SDXL), or a `StableDiffusionPipeline` or
+    `StableDiffusionXLPipeline` object. `model.pipeline` is the raw pipeline, `model.defaults` its
+    generation defaults and `model.planted` its planted concepts."""
+    if isinstance(name_or_path, tuple(PIPELINE_KWARGS)):
         return wrap(name_or_path)
+    if isinstance(name_or_path, DiffusionPipeline):
+        raise TypeError(f"acterase_interp runs SD 1.x/2.x and SDXL pipelines, not a {type(name_or_path).__name__}")
     pipe = load_pipeline(name_or_path, device=device, dtype=dtype, local_files_only=local_files_only)
     return wrap(pipe, *_read_manifest(Path(pipe.config._name_or_path or "."), pipe))
 
 
-def architecture_hash(pipeline: StableDiffusionPipeline) -> str:
+def architecture_hash(pipeline: Pipeline) -> str:
     """A short hash of the UNet and text-encoder configs: artifacts fitted on one architecture
-    refuse to load onto another."""
+    refuse to load onto another. SDXL's second text encoder counts too (SD 1.x/2.x hashes are
+    unchanged by it: they have none)."""
     unet = {k: v for k, v in dict(pipeline.unet.config).items() if not k.startswith("_")}
-    text = pipeline.text_encoder.config.to_diff_dict()
-    text = {k: text.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")}
-    blob = json.dumps({"unet": unet, "text": text}, sort_keys=True, default=str)
+    parts = {"unet": unet, "text": _text_shape(pipeline.text_encoder)}
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        parts["text_2"] = _text_shape(pipeline.text_encoder_2)
+    blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _text_shape(encoder: torch.nn.Module) -> dict:
+    config = encoder.config.to_diff_dict()
+    return {k: config.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")}

@@ -8,9 +8,11 @@ Each UNet transformer block offers four sites, named `<block>.<kind>`:
 - `attn2_out`: the output of cross-attention `attn2`;
 
 and `unet_out` is the UNet's output. Blocks are named `down.<i>.<j>`, `mid.<j>` and `up.<i>.<j>`
-(`<i>` the UNet block, `<j>` its attention module; a `.<k>` suffix where an attention module holds
-several transformer blocks). Sites are listed in execution order, which nnsight requires within a
-denoising step, with shapes measured by one forward pass.
+(`<i>` the UNet block, `<j>` its attention module), with a `.t<k>` suffix for the k-th transformer
+layer where an attention module holds several (SDXL: `down.2.1.t3`; SD 1.x/2.x hold one each, so
+their names have none). A block name or prefix (`down`, `up.0`, `mid.0`, `down.2.1`) selects blocks.
+Sites are listed in execution order, which nnsight requires within a denoising step, with shapes
+measured by one forward pass.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
             blocks = attn.transformer_blocks
             for k in range(len(blocks)):
                 index = f"{j}" if prefix == "mid" else f"{path.split('.')[1]}.{j}"
-                name = f"{prefix}.{index}" + (f".{k}" if len(blocks) > 1 else "")
+                name = f"{prefix}.{index}" + (f".t{k}" if len(blocks) > 1 else "")
                 out.append((name, f"{path}.attentions.{j}.transformer_blocks.{k}"))
     return out
 
@@ -75,6 +77,17 @@ def _candidates(unet: UNet2DConditionModel) -> list[Site]:
             sites.append(Site(f"{block}.{kind}", kind, block, f"{path}.{sub}", io, reader and f"{path}.{reader}", ()))
     sites.append(Site(UNET_OUT, UNET_OUT, "unet", "", "output", None, ()))
     return sites
+
+
+def _added_conditions(unet: UNet2DConditionModel, like: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The extra inputs of an SDXL-style UNet (`addition_embed_type="text_time"`): pooled text
+    embeddings and time ids, which it embeds together. No site's shape depends on them, so zeros
+    of the embedding's total width do (one time id, the rest pooled text)."""
+    if unet.config.get("addition_embed_type") != "text_time":
+        return None
+    width = unet.add_embedding.linear_1.in_features - unet.config.addition_time_embed_dim
+    new = dict(dtype=like.dtype, device=like.device)
+    return {"text_embeds": torch.zeros(1, width, **new), "time_ids": torch.zeros(1, 1, **new)}
 
 
 @torch.no_grad()
@@ -98,7 +111,7 @@ def discover_sites(unet: UNet2DConditionModel, sample_size: int | None = None) -
         p = next(unet.parameters())
         sample = torch.zeros(1, unet.config.in_channels, size, size, dtype=p.dtype, device=p.device)
         context = torch.zeros(1, 1, unet.config.cross_attention_dim, dtype=p.dtype, device=p.device)
-        unet(sample, 10, encoder_hidden_states=context)
+        unet(sample, 10, encoder_hidden_states=context, added_cond_kwargs=_added_conditions(unet, p))
     finally:
         for h in handles:
             h.remove()
@@ -115,7 +128,7 @@ def select_sites(
     bad = [k for k in kinds if k not in SITE_KINDS]
     if bad:
         raise ValueError(f"unknown site kind(s) {bad}; choose from {SITE_KINDS}")
-    known_blocks = sorted({s.block for s in sites if s.kind != UNET_OUT})
+    known_blocks = list(dict.fromkeys(s.block for s in sites if s.kind != UNET_OUT))
 
     def wanted(block: str) -> bool:
         return blocks is None or any(block == b or block.startswith(b + ".") for b in blocks)
@@ -123,8 +136,22 @@ def select_sites(
     if blocks is not None:
         missing = [b for b in blocks if not any(k == b or k.startswith(b + ".") for k in known_blocks)]
         if missing:
-            raise ValueError(f"unknown block(s) {missing}; this UNet has {known_blocks} (or prefixes down/mid/up)")
+            raise ValueError(
+                f"unknown block(s) {missing}; this UNet has {_fold_layers(known_blocks)} (or prefixes down/mid/up)"
+            )
     return [s for s in sites if s.kind in kinds and (s.kind == UNET_OUT or wanted(s.block))]
+
+
+def _fold_layers(blocks: list[str]) -> str:
+    """Block names for a message, the layers of one attention module folded: `down.2.1.t0-t9`."""
+    folded: dict[str, list[str]] = {}
+    for block in blocks:
+        head, _, last = block.rpartition(".")
+        if last.startswith("t") and last[1:].isdigit():
+            folded.setdefault(head, []).append(last)
+        else:
+            folded[block] = []
+    return ", ".join(f"{k}.{v[0]}-{v[-1]}" if v else k for k, v in folded.items())  # suffixed layers come 2+
 
 
 def site_by_name(sites: list[Site], name: str) -> Site:
