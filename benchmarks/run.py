@@ -297,7 +297,7 @@ def markdown(result: dict) -> str:
              f"diffusers {p['versions']['diffusers']}, nnsight {p['versions']['nnsight']}.", "",
              "Median [min-max] of " + str(p["options"]["reps"]) + " runs per side after "
              + str(p["options"]["warmup"]) + " warm-up, sides interleaved A B A B; ratio = median B / median A.", "",
-             "| scale | figure | A | B | A | B | ratio | goal | met |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| scale | figure | A | B | A: median [min-max] | B: median [min-max] | ratio B/A | goal | met |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for scale, body in result["scales"].items():
         for f in body["figures"]:
             goal = f"<= {f['goal']}x" if f.get("goal") else (f"<= {1000 * f['goal_seconds']:.0f} ms" if "goal_seconds" in f else "report")
