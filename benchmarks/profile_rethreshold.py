@@ -1,6 +1,6 @@
 """Where a re-threshold's time goes at SD 1.5 size, and what a cheaper threshold cut would cost.
 
-    python -m benchmarks.profile --out benchmarks/results/profile-rethreshold.txt
+    python -m benchmarks.profile_rethreshold --out benchmarks/results/profile-rethreshold.txt
 
 Scores are random (a re-threshold's cost depends on shapes only) with SD 1.5's 16 `ffn_hidden`
 sites and unit counts, 10 pairs x 30 steps. Prints the torch profiler's table for one
@@ -56,7 +56,7 @@ def _median_ms(fn) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.profile_rethreshold", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="also write the report here")
     args = parser.parse_args()
     stats = sd15_statistics()
