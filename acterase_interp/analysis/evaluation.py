@@ -4,18 +4,20 @@ not (factor accuracy relative to the unpatched model, and the same-seed image di
 
 Replicates: evaluation seed s generates image j of a prompt set with seed `s * SEED_STRIDE + j`
 in both the patched and the unpatched run, so every comparison is same-seed and every replicate
-uses fresh noise. Unpatched results are cached per seed: a sweep generates them once.
+uses fresh noise. Unpatched results are cached per seed: a sweep generates them once (per worker,
+when it runs on an executor: see `acterase_interp.executor`).
 """
 
 from __future__ import annotations
 
 import re
+import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
+from ..executor import Executor, require_spec, resolve, run_cells, worker_local
 from ..generation import generate
 from ..metrics import Classifier, Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
 from ..metrics import preservation as preservation_ratio
@@ -80,7 +82,10 @@ class Evaluator:
     `target_prompts` ask for the concept (the concept rate is the share of their images the
     classifier reads as the concept; lower is better after erasure); `heldout_prompts` are
     paraphrases scored the same way; `non_target_prompts` must keep their content (ConceptWorld
-    captions, parsed with `scene_of` unless `non_target_scenes` are given). Either set may be empty."""
+    captions, parsed with `scene_of` unless `non_target_scenes` are given). Either set may be empty.
+
+    `model` and `classifier` may be `Spec`s (built on first use): such an evaluator pickles small
+    and runs on an executor's workers, where each process builds one copy with its own cache."""
 
     def __init__(
         self,
@@ -98,6 +103,8 @@ class Evaluator:
         batch_size: int = 64,
         distance: str = "mae",
     ) -> None:
+        self._config = {k: v for k, v in locals().items() if k != "self"}  # how a worker rebuilds it
+        self._token = uuid.uuid4().hex
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
         if images_per_prompt < 1:
@@ -106,7 +113,7 @@ class Evaluator:
             raise ValueError("target prompts need the concept whose rate they measure")
         if not (target_prompts or heldout_prompts or non_target_prompts):
             raise ValueError("nothing to evaluate: give target, held-out or non-target prompts")
-        self.model, self.classifier, self.concept = model, classifier, concept
+        self._model, self._classifier, self.concept = model, classifier, concept
         self.sets = {
             name: [p for p in prompts for _ in range(images_per_prompt)]
             for name, prompts in (("target", target_prompts), ("heldout", heldout_prompts), ("non_target", non_target_prompts))
@@ -119,6 +126,28 @@ class Evaluator:
                         "images_per_prompt": images_per_prompt, "distance": distance}  # fmt: skip
         self.batch_size, self.distance = batch_size, distance
         self._baseline: dict[int, dict[str, Any]] = {}
+
+    @property
+    def model(self) -> Any:
+        return resolve(self._model)
+
+    @property
+    def classifier(self) -> Classifier:
+        return resolve(self._classifier)
+
+    @property
+    def model_source(self) -> Any:
+        """The model as given: a loaded model, or the `Spec` that workers build it from."""
+        return self._model
+
+    def require_specs(self) -> None:
+        """Clear error unless this evaluator can run on an executor (model and classifier as specs)."""
+        require_spec(self._model, "evaluator's model")
+        require_spec(self._classifier, "evaluator's classifier")
+
+    def __reduce__(self) -> tuple:
+        self.require_specs()
+        return _worker_evaluator, (self._token, self._config)
 
     @classmethod
     def from_pairs(cls, model: Any, classifier: Classifier, pairs: Any, **kwargs: Any) -> Evaluator:
@@ -176,6 +205,11 @@ class Evaluator:
     __call__ = evaluate
 
 
+def _worker_evaluator(token: str, config: dict) -> Evaluator:
+    """The evaluator `token` as this process keeps it: unpickling it again reuses its baseline cache."""
+    return worker_local(("evaluator", token), lambda: Evaluator(**config))
+
+
 def evaluate_eraser(
     model: Any,
     eraser: Patch | None,
@@ -185,9 +219,13 @@ def evaluate_eraser(
     non_target_prompts: Sequence[str] = (),
     seeds: Sequence[int] = (0, 1, 2),
     *,
+    executor: Executor | None = None,
     progress: bool = True,
     **options: Any,
 ) -> list[Record]:
-    """`Evaluator(...).evaluate(eraser, seed)` for every seed: one row per seed (see `Evaluator`)."""
+    """`Evaluator(...).evaluate(eraser, seed)` for every seed: one row per seed (see `Evaluator`),
+    on `executor`'s workers if given (then `model` and `classifier` are `Spec`s)."""
     evaluator = Evaluator(model, classifier, concept, target_prompts, non_target_prompts, **options)
-    return [evaluator(eraser, s) for s in tqdm(list(seeds), desc="evaluate", disable=not progress)]
+    if executor is not None:
+        evaluator.require_specs()
+    return run_cells(evaluator, [(eraser, s) for s in seeds], executor, desc="evaluate", progress=progress)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 from scipy.stats import spearmanr
-from tqdm.auto import tqdm
 
+from ..executor import Executor, run_cells
 from ..patching import Window
 from ..world.factors import factor_of
 from .records import Record, column, group_mean
@@ -71,6 +72,7 @@ def causal_map(
     layers: Sequence[str],
     windows: Sequence[Window],
     *,
+    executor: Executor | None = None,
     progress: bool = True,
     **meta: Any,
 ) -> list[Record]:
@@ -79,16 +81,21 @@ def causal_map(
     `measure(layer, window)` runs the intervention and returns a number (recorded as `value`) or a
     dict of named numbers (e.g. `{"concept_drop": ..., "damage": ...}`), so it can be a
     synthetic stand-in in tests or `eraser_measure(...)` on a real model. One row per (layer,
-    window) with `layer`, `start`, `stop` and `meta` (seeds, options)."""
+    window) with `layer`, `start`, `stop` and `meta` (seeds, options). With `executor`, every
+    (layer, window) runs on a worker (`measure` must pickle: `eraser_measure` does when its
+    evaluator is built from `Spec`s)."""
     if not layers or not windows:
         raise ValueError("causal_map needs at least one layer and one window")
-    out = []
-    cells = [(layer, tuple(w)) for layer in layers for w in windows]
-    for layer, (start, stop) in tqdm(cells, desc="causal map", disable=not progress):
-        result = measure(layer, (start, stop))
-        values = dict(result) if isinstance(result, Mapping) else {"value": float(result)}
-        out.append({"layer": layer, "start": start, "stop": stop, **values, **meta})
-    return out
+    if executor is not None and hasattr(measure, "evaluator"):
+        measure.evaluator.require_specs()
+    cells = [(measure, layer, tuple(w), meta) for layer in layers for w in windows]
+    return run_cells(_causal_cell, cells, executor, desc="causal map", progress=progress)
+
+
+def _causal_cell(measure: Callable, layer: str, window: Window, meta: dict) -> Record:
+    result = measure(layer, window)
+    values = dict(result) if isinstance(result, Mapping) else {"value": float(result)}
+    return {"layer": layer, "start": window[0], "stop": window[1], **values, **meta}
 
 
 def window_mean(
@@ -187,22 +194,20 @@ def layers_of(statistics: FitStatistics) -> list[str]:
     return list(dict.fromkeys(s.block for s in statistics.sites))
 
 
-def eraser_measure(
-    statistics: FitStatistics,
-    evaluator: Evaluator,
-    tau: float = 0.01,
-    seeds: Sequence[int] = (0, 1, 2),
-    **overrides: Any,
-) -> Callable[[str, Window], Record]:
-    """The real `measure` for `causal_map`: the fit's eraser restricted to one block
-    (`FitStatistics.eraser(tau, blocks=(layer,))`, no model run) and switched on during one window
-    of steps, scored by `evaluator` on every seed. Returns the seed means of `concept_rate`,
-    `concept_drop` (with `_sem`), `preservation`, `damage` = 1 - preservation, and `image_distance`."""
+@dataclass(frozen=True, eq=False)  # holds tensors: equality is identity
+class EraserMeasure:
+    """The real `measure` for `causal_map` (see `eraser_measure`); a dataclass so it pickles."""
 
-    def measure(layer: str, window: Window) -> Record:
-        eraser = statistics.eraser(tau=tau, blocks=(layer,), **overrides)
-        rows = [evaluator(eraser, s, steps=window) for s in seeds]
-        out: Record = {"tau": tau, "seeds": list(seeds), **_meta(statistics), **overrides}
+    statistics: FitStatistics
+    evaluator: Evaluator
+    tau: float
+    seeds: tuple[int, ...]
+    overrides: dict
+
+    def __call__(self, layer: str, window: Window) -> Record:
+        eraser = self.statistics.eraser(tau=self.tau, blocks=(layer,), **self.overrides)
+        rows = [self.evaluator(eraser, s, steps=window) for s in self.seeds]
+        out: Record = {"tau": self.tau, "seeds": list(self.seeds), **_meta(self.statistics), **self.overrides}
         for key in ("concept_rate", "concept_drop", "preservation", "image_distance"):
             if all(key in r for r in rows):
                 summary = group_mean(rows, (), key)[0]
@@ -211,4 +216,16 @@ def eraser_measure(
             out["damage"] = 1.0 - out["preservation"]
         return out
 
-    return measure
+
+def eraser_measure(
+    statistics: FitStatistics,
+    evaluator: Evaluator,
+    tau: float = 0.01,
+    seeds: Sequence[int] = (0, 1, 2),
+    **overrides: Any,
+) -> EraserMeasure:
+    """The real `measure` for `causal_map`: the fit's eraser restricted to one block
+    (`FitStatistics.eraser(tau, blocks=(layer,))`, no model run) and switched on during one window
+    of steps, scored by `evaluator` on every seed. Returns the seed means of `concept_rate`,
+    `concept_drop` (with `_sem`), `preservation`, `damage` = 1 - preservation, and `image_distance`."""
+    return EraserMeasure(statistics, evaluator, tau, tuple(seeds), overrides)

@@ -1,6 +1,9 @@
 """Ablations: a tau sweep traced as an erasure-vs-preservation Pareto curve, each open choice of
 the method at its best tau, and multi-concept scaling. Masks for a new tau, time mask, pair
-combination or layer subset come from stored fit statistics, so only generation is repeated."""
+combination or layer subset come from stored fit statistics, so only generation is repeated.
+
+Every sweep takes an `executor` (see `acterase_interp.executor`): its fits and cells then run on
+the executor's workers, with the same rows in the same order as the serial run."""
 
 from __future__ import annotations
 
@@ -9,9 +12,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs, merge
+from ..executor import Executor, require_spec, resolve, run_cells
 from .evaluation import Evaluator
 from .records import Record, summarize
 
@@ -61,17 +63,41 @@ def margin(row: Record) -> float:
     return float(row["preservation"]) - float(row["concept_rate"])
 
 
+def _fit(model: Any, pairs: PromptPairs, options: EraseOptions, seed: int, progress: bool) -> FitStatistics:
+    """The statistics of one replicate fit (a cell: `model` may be a `Spec`)."""
+    fitter = EraserFitter(resolve(model), replace(options, seed=seed * PAIR_SEED_STRIDE), progress=progress)
+    fitter.fit(pairs)
+    return fitter.statistics
+
+
+def _check_executor(executor: Executor | None, model: Any = None, evaluator: Any = None) -> None:
+    """Clear errors, before any work, for what cannot travel to an executor's workers."""
+    if executor is None:
+        return
+    if model is not None:
+        require_spec(model, "model")
+    if evaluator is not None:
+        evaluator.require_specs()
+
+
 def fit_seeds(
-    model: Any, pairs: PromptPairs, options: EraseOptions | None = None, seeds: Sequence[int] = (0, 1, 2), *, progress: bool = True
+    model: Any,
+    pairs: PromptPairs,
+    options: EraseOptions | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    *,
+    executor: Executor | None = None,
+    progress: bool = True,
 ) -> dict[int, FitStatistics]:
-    """One fit per replicate seed (fresh initial noise for every pair), as statistics to re-threshold."""
+    """One fit per replicate seed (fresh initial noise for every pair), as statistics to re-threshold;
+    on `executor`'s workers if given (then `model` is a `Spec`)."""
     options = options or EraseOptions()
-    out = {}
-    for s in tqdm(list(seeds), desc="fit seeds", disable=not progress or len(seeds) == 1):
-        fitter = EraserFitter(model, replace(options, seed=s * PAIR_SEED_STRIDE), progress=progress)
-        fitter.fit(pairs)
-        out[s] = fitter.statistics
-    return out
+    seeds = list(seeds)
+    _check_executor(executor, model)
+    inner = progress and executor is None and len(seeds) == 1  # one fit: show its own bar
+    cells = [(model, pairs, options, s, inner) for s in seeds]
+    stats = run_cells(_fit, cells, executor, desc="fit seeds", progress=progress and not inner)
+    return dict(zip(seeds, stats))
 
 
 def _by_seed(statistics: FitStatistics | Mapping[int, FitStatistics], seeds: Sequence[int] | None) -> dict[int, FitStatistics]:
@@ -89,22 +115,27 @@ def tau_sweep(
     taus: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
     *,
+    executor: Executor | None = None,
     progress: bool = True,
     **overrides: Any,
 ) -> list[Record]:
     """Evaluate the eraser of every tau (default `tau_grid()`), re-thresholding stored statistics
     (no model run for the masks), for every replicate seed: one row per (tau, seed) with the
-    evaluator's fields. `overrides` (time_mask, blocks, ...) go to `FitStatistics.eraser`."""
+    evaluator's fields. `overrides` (time_mask, blocks, ...) go to `FitStatistics.eraser`. With
+    `executor`, every (tau, seed) cell runs on a worker (the evaluator built from `Spec`s)."""
     taus = list(taus) if taus is not None else tau_grid()
     fits = _by_seed(statistics, seeds)
-    cells = [(tau, s) for tau in taus for s in fits]
-    rows = []
-    for tau, s in tqdm(cells, desc="tau sweep", disable=not progress):
-        eraser = fits[s].eraser(tau=tau, **overrides)
-        density = eraser.mask_density()
-        rows.append(evaluator(eraser, s, tau=tau, mask_density=sum(density.values()) / len(density),
-                              **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}))  # fmt: skip
-    return rows
+    _check_executor(executor, evaluator=evaluator)
+    cells = [(fits[s], evaluator, tau, s, overrides) for tau in taus for s in fits]
+    return run_cells(_tau_cell, cells, executor, desc="tau sweep", progress=progress)
+
+
+def _tau_cell(statistics: FitStatistics, evaluator: Evaluator, tau: float, seed: int, overrides: dict) -> Record:
+    """One tau sweep row: the re-thresholded eraser scored on one seed."""
+    eraser = statistics.eraser(tau=tau, **overrides)
+    density = eraser.mask_density()
+    return evaluator(eraser, seed, tau=tau, mask_density=sum(density.values()) / len(density),
+                     **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})  # fmt: skip
 
 
 def best_tau(
@@ -133,10 +164,11 @@ def _fit_key(options: EraseOptions) -> EraseOptions:
 def _statistics_by_pairs(
     model: Any, pairs: PromptPairs, options: EraseOptions, counts: Sequence[int], seed: int, progress: bool
 ) -> dict[int, FitStatistics]:
-    """Statistics after the first n pairs, for every n in `counts`, from one streaming fit."""
+    """Statistics after the first n pairs, for every n in `counts`, from one streaming fit (a cell:
+    `model` may be a `Spec`)."""
     if max(counts) > len(pairs) or min(counts) < 1:
         raise ValueError(f"pair counts {list(counts)} must lie in [1, {len(pairs)}]")
-    fitter = EraserFitter(model, replace(options, seed=seed * PAIR_SEED_STRIDE), progress=progress)
+    fitter = EraserFitter(resolve(model), replace(options, seed=seed * PAIR_SEED_STRIDE), progress=progress)
     out = {}
     for n, (target, source) in enumerate(pairs, 1):
         if n > max(counts):
@@ -148,6 +180,14 @@ def _statistics_by_pairs(
     return out
 
 
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
+    """A cell that runs `fn(*args)`: lets fits of different kinds share one submission."""
+    return fn(*args)
+
+
+_OVERRIDES = ("tau_mode", "time_mask", "pair_combine", "blocks", "granularity")
+
+
 def choice_ablation(
     evaluator: Evaluator,
     pairs: PromptPairs,
@@ -157,6 +197,7 @@ def choice_ablation(
     taus: Sequence[float] | None = None,
     seeds: Sequence[int] = (0, 1, 2),
     score: Callable[[Record], float] = margin,
+    executor: Executor | None = None,
     progress: bool = True,
 ) -> tuple[list[Record], list[Record]]:
     """Each open choice of the method at its best tau.
@@ -167,28 +208,36 @@ def choice_ablation(
     Every value is fitted once per seed (fits are shared when only re-thresholding options differ;
     the pair counts come from one streaming fit), swept over `taus`, and summarised at the tau with
     the best mean `score`. Returns `(rows, best)`: every (choice, value, tau, seed) row, and one
-    summary row per (choice, value) with means, `_sem`/`_low`/`_high` over seeds and its `tau`."""
+    summary row per (choice, value) with means, `_sem`/`_low`/`_high` over seeds and its `tau`.
+    With `executor`, the fits and then the (choice, value, seed, tau) cells run on its workers."""
     base = base or EraseOptions()
     taus = list(taus) if taus is not None else tau_grid()
-    fits: dict[tuple, FitStatistics] = {}
-    rows: list[Record] = []
+    model = evaluator.model_source
+    _check_executor(executor, model, evaluator)
     cells = [(name, value, s) for name, values in choices.items() for value in values for s in seeds]
-    for name, value, s in tqdm(cells, desc="choice ablation", disable=not progress):
+    # 1. every distinct fit, once: a streaming fit per seed gives all pair counts
+    jobs: dict[tuple, tuple] = {}
+    for name, value, s in cells:
         if name == "num_pairs":
-            key = ("num_pairs", _fit_key(base), value, s)
-            if key not in fits:
-                counts = sorted({int(v) for v in choices["num_pairs"]})
-                for n, stats in _statistics_by_pairs(evaluator.model, pairs, _fit_key(base), counts, s, progress).items():
-                    fits[("num_pairs", _fit_key(base), n, s)] = stats
-            options = base
+            counts = sorted({int(v) for v in choices["num_pairs"]})
+            jobs[("num_pairs", s)] = (_statistics_by_pairs, model, pairs, _fit_key(base), counts, s, False)
+        else:
+            options = _fit_key(replace(base, **{name: value}))
+            jobs[(options, s)] = (_fit, model, pairs, options, s, False)
+    done = dict(zip(jobs, run_cells(_call, list(jobs.values()), executor, desc="choice fits", progress=progress)))
+    # 2. every (choice, value, seed) swept over the taus
+    sweep, labels = [], []
+    for name, value, s in cells:
+        if name == "num_pairs":
+            options, stats = base, done[("num_pairs", s)][int(value)]
         else:
             options = replace(base, **{name: value})
-            key = (_fit_key(options), s)
-            if key not in fits:
-                fits[key] = fit_seeds(evaluator.model, pairs, _fit_key(options), [s], progress=progress)[s]
-        overrides = {k: getattr(options, k) for k in ("tau_mode", "time_mask", "pair_combine", "blocks", "granularity")}
-        for row in tau_sweep(fits[key], evaluator, taus, [s], progress=False, **overrides):
-            rows.append({"choice": name, "value": _label(value), **row})
+            stats = done[(_fit_key(options), s)]
+        overrides = {k: getattr(options, k) for k in _OVERRIDES}
+        sweep += [(stats, evaluator, tau, s, overrides) for tau in taus]
+        labels += [{"choice": name, "value": _label(value)}] * len(taus)
+    results = run_cells(_tau_cell, sweep, executor, desc="choice ablation", progress=progress)
+    rows: list[Record] = [{**label, **row} for label, row in zip(labels, results)]
     best = []
     for (name, value), tau in best_tau(rows, ("choice", "value"), score).items():
         at = [r for r in rows if r["choice"] == name and r["value"] == value and r["tau"] == tau]
@@ -204,13 +253,14 @@ def multi_concept_scaling(
     tau: float = 0.01,
     seeds: Sequence[int] | None = None,
     *,
+    executor: Executor | None = None,
     progress: bool = True,
 ) -> list[Record]:
     """Merge the erasers of the first n concepts (in `statistics` order; Eqs. 7-9) for every n in
     `counts` and replicate seed: one row per (n, seed) with the mean `concept_rate` (and
     `concept_drop`) over the merged concepts, each scored by its own evaluator (target prompts
     only is enough), and the `preservation` evaluator's fields on prompts that show none of the
-    concepts (see `evaluation.prompts_without`)."""
+    concepts (see `evaluation.prompts_without`). With `executor`, every (n, seed) runs on a worker."""
     concepts = list(statistics)
     if max(counts) > len(concepts) or min(counts) < 1:
         raise ValueError(f"concept counts {list(counts)} must lie in [1, {len(concepts)}] (concepts: {concepts})")
@@ -222,13 +272,24 @@ def multi_concept_scaling(
     uneven = [c for c in concepts if sorted(fits[c]) != replicate]
     if uneven:
         raise ValueError(f"concept(s) {uneven} were fitted on other seeds than {concepts[0]!r} ({replicate})")
-    rows = []
-    for n, s in tqdm([(n, s) for n in counts for s in replicate], desc="multi-concept", disable=not progress):
-        merged = merge([fits[c][s].eraser(tau=tau) for c in concepts[:n]])
-        per = [concept_evaluators[c](merged, s) for c in concepts[:n]]
-        row = preservation(merged, s, n_concepts=n, tau=tau, concepts=concepts[:n])
-        row["concept_rate"] = sum(r["concept_rate"] for r in per) / n
-        row["concept_drop"] = sum(r["concept_drop"] for r in per) / n
-        row["concept_rates"] = {c: r["concept_rate"] for c, r in zip(concepts, per)}
-        rows.append(row)
-    return rows
+    for e in (preservation, *(concept_evaluators[c] for c in concepts[: max(counts)])):
+        _check_executor(executor, evaluator=e)
+    cells = [({c: fits[c][s] for c in concepts[:n]}, [concept_evaluators[c] for c in concepts[:n]], preservation, s, tau)
+             for n in counts for s in replicate]  # fmt: skip
+    return run_cells(_merged_cell, cells, executor, desc="multi-concept", progress=progress)
+
+
+def _merged_cell(
+    fits: Mapping[str, FitStatistics], evaluators: Sequence[Evaluator], preservation: Evaluator, seed: int, tau: float
+) -> Record:
+    """One multi-concept row: the merged eraser of `fits` (concept -> statistics) scored by each
+    concept's evaluator and by `preservation`."""
+    merged = merge([f.eraser(tau=tau) for f in fits.values()])
+    concepts = list(fits)
+    per = [e(merged, seed) for e in evaluators]
+    n = len(fits)
+    row = preservation(merged, seed, n_concepts=n, tau=tau, concepts=concepts)
+    row["concept_rate"] = sum(r["concept_rate"] for r in per) / n
+    row["concept_drop"] = sum(r["concept_drop"] for r in per) / n
+    row["concept_rates"] = {c: r["concept_rate"] for c, r in zip(concepts, per)}
+    return row

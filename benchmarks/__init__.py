@@ -1,0 +1,1 @@
+"""Benchmarks of what ActErase costs (`python -m benchmarks.run`)."""
