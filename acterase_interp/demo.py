@@ -44,7 +44,7 @@ from .evaluation.prompts import conceptworld_prompt_sets
 from .generation import generate
 from .io import atomic_write_json
 from .loading import CONCEPTWORLD, architecture_hash, conceptworld_dir, load
-from .metrics import Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
+from .metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
 from .provenance import library_versions
 from .report import html_report, image_grid, labelled_grid_png
 from .world.classifier import ConceptClassifier

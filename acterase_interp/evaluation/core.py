@@ -40,6 +40,9 @@ SEED_OFFSETS: dict[str, int] = {
 
 Direction = Literal[">=", "<="]
 
+__all__ = ["ATTACK_OFFSET", "EVALUATION_OFFSET", "FIT_OFFSET", "REPLICATE_STRIDE", "SEED_OFFSETS", "TAU_SELECTION_OFFSET",
+           "Bar", "PromptSet", "format_bars", "image_seeds", "preservation"]  # fmt: skip
+
 
 def image_seeds(purpose: str, n: int, base: int = 0, replicate: int = 0) -> list[int]:
     """The `n` image seeds of `purpose` ("fit", "tau_selection", "evaluation", "attack") for a run
@@ -92,10 +95,6 @@ class Bar:
 def format_bars(bars: Sequence[Bar | dict], bullet: str = "") -> str:
     """The bars, one line each (`str(Bar)`), optionally as a markdown list (`bullet="- "`)."""
     return "\n".join(bullet + str(b if isinstance(b, Bar) else Bar.from_dict(b)) for b in bars)
-
-
-def all_passed(bars: Sequence[Bar]) -> bool:
-    return all(b.passed for b in bars)
 
 
 @dataclass(frozen=True)
