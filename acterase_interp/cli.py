@@ -4,6 +4,7 @@
     acterase generate --model conceptworld --prompt "a red triangle" --eraser runs/triangle --compare --out grid.png
     acterase demo --concept heart --out runs/demo
     acterase plant --model DIR --concept heart --family ffn_units --blocks up.0.0 --units 32 --out DIR2
+    acterase evaluate --concepts triangle red dots --seeds 0 1 2 --out runs/evaluation
 
 Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2;
 `acterase demo --strict` exits with 1 when an erasure bar fails.
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -23,6 +25,8 @@ from .erase.eraser import Eraser
 from .erase.fit import EraserFitter
 from .erase.options import CFG_ROWS, GRANULARITIES, PAIR_COMBINES, TAU_MODES, TIME_MASKS, VALUE_MODES, EraseOptions
 from .erase.pairs import PromptPairs
+from .evaluation.baselines import METHODS
+from .evaluation.table import TableSpec
 from .generation import generate
 from .loading import load
 from .report import labelled_grid_png
@@ -104,6 +108,20 @@ def _parser() -> argparse.ArgumentParser:
                       help="patch every unit of the chosen sites: the ceiling of any --tau")
     demo.add_argument("--strict", action="store_true", help="exit with 1 when a bar fails")
     _add_erase_options(demo)
+
+    ev = sub.add_parser("evaluate", help="ActErase beside the baselines on ConceptWorld, with attacks: JSON + markdown")
+    ev.add_argument("--model", default="conceptworld", help="'conceptworld' or a ConceptWorld pipeline folder")
+    ev.add_argument("--concepts", nargs="+", default=list(TableSpec.concepts), help="default: triangle red dots")
+    ev.add_argument("--methods", nargs="+", default=list(TableSpec.methods), choices=list(METHODS))
+    ev.add_argument("--seeds", type=int, nargs="+", default=list(TableSpec.seeds), help="default: 0 1 2")
+    ev.add_argument("--out", default="runs/evaluation", help="folder for results.json and table.md")
+    ev.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    ev.add_argument("--tau", type=_tau, default="auto", help="ActErase's tau (default: auto)")
+    for name in ("n_pairs", "n_images", "search_prompts", "search_tokens", "search_iterations", "search_candidates",
+                 "inversion_steps", "inversion_batch", "inversion_eval", "esd_steps"):
+        ev.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TableSpec, name),
+                        help=f"default: {getattr(TableSpec, name)}")
+    ev.add_argument("--prune-top-fraction", type=float, default=TableSpec.prune_top_fraction)
 
     plant = sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only")
     plant.add_argument("--model", required=True, help="a ConceptWorld pipeline folder (or conceptworld)")
@@ -191,6 +209,28 @@ def _demo(args: argparse.Namespace) -> int:
     return BARS_FAILED if args.strict and not result["passed"] else 0
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.table import command_line, markdown, run_table
+    from .io import atomic_write_json, atomic_write_text
+    from .loading import CONCEPTWORLD, conceptworld_dir
+    from .world.classifier import ConceptClassifier
+
+    names = ("n_pairs", "n_images", "search_prompts", "search_tokens", "search_iterations", "search_candidates",
+             "inversion_steps", "inversion_batch", "inversion_eval", "esd_steps", "prune_top_fraction")
+    spec = TableSpec(concepts=tuple(args.concepts), methods=tuple(args.methods), seeds=tuple(args.seeds),
+                     num_inference_steps=args.steps, tau=args.tau, **{n: getattr(args, n) for n in names})  # fmt: skip
+    model = load(args.model)
+    classifier = ConceptClassifier.load(conceptworld_dir(CONCEPTWORLD) / "classifier")
+    result = run_table(model, classifier, spec)
+    result["manifest"]["command"] = command_line(spec, args.model)
+    out = Path(args.out)
+    atomic_write_json(result, out / "results.json")
+    table = markdown(result)
+    atomic_write_text(table, out / "table.md")
+    print(table)
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+
+
 def _plant(args: argparse.Namespace) -> None:
     from .world.architecture import save_world
     from .world.planting import check_plantable, plant_concept, plant_shipped
@@ -220,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bar, 2 on bad input)."""
     args = _parser().parse_args(argv)
     try:
-        commands = {"fit": _fit, "generate": _generate, "demo": _demo, "plant": _plant}
+        commands = {"fit": _fit, "generate": _generate, "demo": _demo, "evaluate": _evaluate, "plant": _plant}
         status = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"acterase {args.command}: error: {err}", file=sys.stderr)

@@ -11,20 +11,21 @@ Three groups of fresh evaluation prompts, none of them used for fitting:
 
 `results.json` keys: `concept`, `factor`; `target_rate` and `paraphrase_rate` (`before`/`after`,
 each a `Rate` dict: value, n, ci_low, ci_high); `non_target_accuracy` (per factor and `all`:
-`before`, `after`, `ratio` = after/before or None); `non_target_distance` (same-seed mean absolute
+`before`, `after`, `ratio` = after/before, None when before is 0); `non_target_distance` (same-seed mean absolute
 pixel difference: `mean`, `max`); `timing` (`fit_s`, `generate_s_per_image_unpatched`,
 `generate_s_per_image_patched`, `total_s`); `mask_density` (per site); `options`; `all_units`; `generation`
 (steps, guidance, images per group); `pairs`; `seeds` (`fit` and one list per group); `prompts`
 and `predictions` (per group); `model` (architecture, weights and classifier hashes); `versions`;
-`bars` (bar, value, threshold, passed), `passed` (all bars); `files`; `planted` (the concept's
+`bars` (`Bar` dicts: name, value, threshold, direction, passed), `passed` (all bars); `files`; `planted` (the concept's
 planting record, or None); `tau_choice` (rule and trace of the tau choice, or None for a given tau);
 `beside` (the natural concept under the same recipe and the FFN and cross-attention ceilings, or None).
+
+Bars, seeds, prompt sets and the after/before policy come from `evaluation.core`.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -37,17 +38,18 @@ from nnsight import DiffusionModel
 
 from .erase.fit import EraserFitter
 from .erase.options import EraseOptions, check_tau
-from .erase.select import SELECT_SEED_OFFSET, choose_tau
+from .erase.select import choose_tau
+from .evaluation.core import TAU_SELECTION_OFFSET, Bar, PromptSet, format_bars, image_seeds, preservation
+from .evaluation.prompts import conceptworld_prompt_sets
 from .generation import generate
 from .io import atomic_write_json
 from .loading import CONCEPTWORLD, architecture_hash, conceptworld_dir, load
-from .metrics import Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
+from .metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
 from .provenance import library_versions
 from .report import html_report, image_grid, labelled_grid_png
-from .world.captions import paraphrase
 from .world.classifier import ConceptClassifier
-from .world.factors import FACTORS, NATURAL, Scene, factor_of
-from .world.pairs import canonical_prompt, concept_scenes, concepts, conceptworld_pairs, other_value_scenes
+from .world.factors import FACTORS, factor_of
+from .world.pairs import concepts, conceptworld_pairs
 
 DEFAULT_CONCEPT = "heart"
 """Planted in 32 hidden units of two FFNs: the case ActErase's premise describes (a concept computed
@@ -55,8 +57,6 @@ by a few FFN units), with its ground truth known."""
 DEFAULT_BESIDE = "triangle"
 """A natural concept, reported beside: it reaches the image through cross-attention instead."""
 AUTO = "auto"
-EVAL_SEED_OFFSET = 1000
-"""Evaluation image k uses seed `seed + EVAL_SEED_OFFSET + k`: disjoint from the fitting seeds."""
 GROUPS = ("target", "paraphrase", "non_target")
 TARGET_AFTER_MAX = 0.10
 TARGET_BEFORE_MIN = 0.90
@@ -65,38 +65,10 @@ PRESERVATION_MIN = 0.90
 _GRID_TILES = 16  # images per group shown in the report
 
 
-@dataclass(frozen=True)
-class EvalGroup:
-    """One group of evaluation prompts with the scenes they ask for."""
-
-    name: str
-    """"target", "paraphrase" or "non_target"."""
-    prompts: tuple[str, ...]
-    """One prompt per image."""
-    scenes: tuple[Scene, ...]
-    """The scene each prompt describes."""
-
-
-def _cycle(items: list, n: int) -> list:
-    return list(itertools.islice(itertools.cycle(items), n))
-
-
-def evaluation_groups(concept: str, n_images: int, rng: np.random.Generator, exclude: Sequence[str]) -> list[EvalGroup]:
-    """`n_images` fresh prompts per group (see the module docstring); prompts in `exclude` (the
-    fitting prompts) are skipped, and a group with fewer distinct prompts repeats them (each image
-    has its own seed)."""
-    excluded = set(exclude)
-    scenes = concept_scenes(concept, rng)
-    targets = _cycle([st for st in scenes if canonical_prompt(*st) not in excluded], n_images)
-    paraphrased = _cycle(concept_scenes(concept, rng), n_images)
-    every_other = sum(v != concept for v in NATURAL[factor_of(concept)]) * len(scenes)  # as many scenes each
-    others = _cycle([st for st in other_value_scenes(concept, every_other, rng)
-                     if canonical_prompt(*st) not in excluded], n_images)  # fmt: skip
-    return [
-        EvalGroup("target", tuple(canonical_prompt(s, t) for s, t in targets), tuple(s for s, _ in targets)),
-        EvalGroup("paraphrase", tuple(paraphrase(s, rng) for s, _ in paraphrased), tuple(s for s, _ in paraphrased)),
-        EvalGroup("non_target", tuple(canonical_prompt(s, t) for s, t in others), tuple(s for s, _ in others)),
-    ]
+def evaluation_groups(concept: str, n_images: int, rng: np.random.Generator, exclude: Sequence[str]) -> list[PromptSet]:
+    """`n_images` fresh prompts per group (see the module docstring): `conceptworld_prompt_sets`
+    without the zero-shot set; prompts in `exclude` (the fitting prompts) are skipped."""
+    return conceptworld_prompt_sets(concept, n_images, rng, exclude)
 
 
 def weights_hash(*modules: torch.nn.Module) -> str:
@@ -116,30 +88,18 @@ def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     return out, time.perf_counter() - start
 
 
-def _ratio(before: Rate, after: Rate) -> float | None:
-    return after.value / before.value if before.value > 0 else None
-
-
-def _bar(name: str, value: float | None, threshold: str, passed: bool) -> dict:
-    return {"bar": name, "value": value, "threshold": threshold, "passed": passed}
-
-
-def check_bars(results: dict) -> list[dict]:
+def check_bars(results: dict) -> list[Bar]:
     """The issue's bars: the concept is erased (from >= 90% to <= 10%), held-out paraphrases too
     (<= 20%), and every factor's accuracy on non-target prompts keeps >= 90% of its value."""
     t, p = results["target_rate"], results["paraphrase_rate"]
     bars = [
-        _bar("target rate before", t["before"]["value"], f">= {TARGET_BEFORE_MIN:.0%}",
-             t["before"]["value"] >= TARGET_BEFORE_MIN),
-        _bar("target rate after", t["after"]["value"], f"<= {TARGET_AFTER_MAX:.0%}",
-             t["after"]["value"] <= TARGET_AFTER_MAX),
-        _bar("paraphrase rate after", p["after"]["value"], f"<= {PARAPHRASE_AFTER_MAX:.0%}",
-             p["after"]["value"] <= PARAPHRASE_AFTER_MAX),
-    ]  # fmt: skip
+        Bar.check("target rate before", t["before"]["value"], ">=", TARGET_BEFORE_MIN),
+        Bar.check("target rate after", t["after"]["value"], "<=", TARGET_AFTER_MAX),
+        Bar.check("paraphrase rate after", p["after"]["value"], "<=", PARAPHRASE_AFTER_MAX),
+    ]
     for factor in FACTORS:
         ratio = results["non_target_accuracy"][factor]["ratio"]
-        bars.append(_bar(f"non-target {factor} accuracy after/before", ratio, f">= {PRESERVATION_MIN:.0%}",
-                         ratio is not None and ratio >= PRESERVATION_MIN))  # fmt: skip
+        bars.append(Bar.check(f"non-target {factor} accuracy after/before", ratio, ">=", PRESERVATION_MIN))
     return bars
 
 
@@ -184,8 +144,7 @@ def _print_table(rows: list[dict], bars: list[dict]) -> None:
     widths = [max(len(c), *(len(str(r[c])) for r in rows)) for c in cols]
     for row in [dict(zip(cols, cols))] + rows:
         print("  ".join(str(row[c]).ljust(w) for c, w in zip(cols, widths)))
-    for bar in bars:
-        print(f"{'PASS' if bar['passed'] else 'FAIL'}  {bar['bar']}: {_fmt(bar['value'])} (needs {bar['threshold']})")
+    print(format_bars(bars))
 
 
 def _beside_rows(beside: dict) -> list[dict]:
@@ -213,7 +172,7 @@ def _labels(preds: dict[str, list[str]], factor: str, tag: str) -> list[str]:
     return [f"{tag}: {v}" for v in preds[factor]]
 
 
-def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dict, preds: dict) -> Path:
+def _write_report(out: Path, results: dict, groups: list[PromptSet], images: dict, preds: dict) -> Path:
     factor = results["factor"]
     planted = results["planted"]
     where = (f" It was planted in the {planted['spec']['family']} weights of {', '.join(planted['blocks'])}."
@@ -222,10 +181,7 @@ def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dic
         ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase.{where} "
                     "The same seeds "
                     "without and with the eraser; tiles are labelled with the classifier's reading of the "
-                    f"{factor}.\n\n" + "\n".join(
-                        f"- {'PASS' if b['passed'] else 'FAIL'}: {b['bar']} = {_fmt(b['value'])} "
-                        f"(needs {b['threshold']})"
-                        for b in results["bars"])),
+                    f"{factor}.\n\n" + format_bars(results["bars"], bullet="- ")),
         ("Results", _table(results)),
     ]  # fmt: skip
     for group in groups:
@@ -248,7 +204,7 @@ def _write_report(out: Path, results: dict, groups: list[EvalGroup], images: dic
     return html_report(out / "report.html", f"ActErase demo: {results['concept']}", sections)
 
 
-def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) -> dict:
+def measure(concept: str, groups: list[PromptSet], images: dict, preds: dict) -> dict:
     """Concept rates of the target and paraphrase groups, per-factor accuracy on the non-target
     group (with after/before ratios) and the same-seed distance of the non-target images;
     `images` and `preds` map group -> "before"/"after" -> images / classifier predictions."""
@@ -262,7 +218,7 @@ def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) ->
         "paraphrase_rate": rate["paraphrase"],
         "non_target_accuracy": {
             f: {"before": acc["before"][f].to_dict(), "after": acc["after"][f].to_dict(),
-                "ratio": _ratio(acc["before"][f], acc["after"][f])}
+                "ratio": preservation(acc["before"][f], acc["after"][f])}
             for f in (*FACTORS, "all")
         },  # fmt: skip
         "non_target_distance": {"metric": "mae", "mean": float(dist.mean()), "max": float(dist.max())},
@@ -273,7 +229,7 @@ def measure(concept: str, groups: list[EvalGroup], images: dict, preds: dict) ->
 class _Evaluation:
     """Fresh evaluation prompts for one concept, with their unpatched images generated once."""
 
-    groups: list[EvalGroup]
+    groups: list[PromptSet]
     seeds: list[int]
     before: torch.Tensor
     before_s: float
@@ -287,7 +243,7 @@ def _evaluation(model, concept: str, pairs, n_images: int, seed: int, steps: int
                 progress: bool) -> _Evaluation:  # fmt: skip
     groups = evaluation_groups(concept, n_images, np.random.default_rng(seed + 1), pairs.targets + pairs.sources)
     prompts = [p for g in groups for p in g.prompts]
-    seeds = [seed + EVAL_SEED_OFFSET + k for k in range(len(prompts))]
+    seeds = image_seeds("evaluation", len(prompts), base=seed)
     generate(model, prompts[:1], seeds=seeds[:1], num_inference_steps=steps, progress=False)  # warm-up: fair timings
     before, before_s = _timed(lambda: generate(model, prompts, seeds=seeds, num_inference_steps=steps,
                                                guidance_scale=guidance, progress=progress))  # fmt: skip
@@ -419,7 +375,7 @@ def run_demo(
         "generation": {"num_inference_steps": steps, "guidance_scale": guidance, "n_images_per_group": n_images},
         "pairs": {"concept": pairs.concept, "targets": list(pairs.targets), "sources": list(pairs.sources),
                   "seed": seed, "anchor": anchor},
-        "seeds": {"fit": seed, "tau_selection_offset": SELECT_SEED_OFFSET, **seeds_by_group},
+        "seeds": {"fit": seed, "tau_selection_offset": TAU_SELECTION_OFFSET, **seeds_by_group},
         "prompts": {g.name: list(g.prompts) for g in ev.groups},
         "predictions": {g: {w: {f: list(v) for f, v in p.items()} for w, p in preds[g].items()} for g in preds},
         "model": {
@@ -430,8 +386,8 @@ def run_demo(
         },
         "versions": library_versions(),
     }
-    results["bars"] = check_bars(results)
-    results["passed"] = all(b["passed"] for b in results["bars"])
+    bars = check_bars(results)
+    results["bars"], results["passed"] = [b.to_dict() for b in bars], all(b.passed for b in bars)
     use_beside = beside is not None and beside != concept
     results["beside"] = (_beside(model, beside, classifier, n_pairs, n_images, seed, steps, guidance, tau, progress,
                                  {k: v for k, v in options.items() if k != "site_kind"})

@@ -147,9 +147,10 @@ def image_distance(a: torch.Tensor, b: torch.Tensor, metric: str = "mae") -> tor
     raise ValueError(f"unknown metric {metric!r}; choose 'mae' or 'rmse'")
 
 
-def preservation(before: Rate, after: Rate) -> float:
-    """`after.value / before.value`: the share of the original accuracy that is kept, as the
-    paper reports non-target accuracy ("percent of SD's accuracy")."""
-    if before.value == 0:
-        raise ValueError("preservation is undefined when the accuracy before is 0")
-    return after.value / before.value
+def preservation(before: Rate | float, after: Rate | float) -> float | None:
+    """`after / before`: the share of the original accuracy that is kept, as the paper reports
+    non-target accuracy ("percent of SD's accuracy"). The one policy for an undefined share:
+    None when `before` is 0 (never 0, NaN or an error), and a bar on it fails."""
+    b = before.value if isinstance(before, Rate) else float(before)
+    a = after.value if isinstance(after, Rate) else float(after)
+    return a / b if b > 0 else None

@@ -105,7 +105,7 @@ def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
     assert not fitting & set(results["prompts"]["target"] + results["prompts"]["non_target"])
     assert not any(f" {WORDS[concept][0]} " in f" {p.replace(',', ' ')} " for p in results["prompts"]["non_target"])
     assert results["target_rate"]["before"]["n"] == 3
-    assert {b["bar"] for b in results["bars"]} >= {"target rate after", "paraphrase rate after"}
+    assert {b["name"] for b in results["bars"]} >= {"target rate after", "paraphrase rate after"}
     assert len(results["bars"]) == 6
     assert results["passed"] == all(b["passed"] for b in results["bars"])
 

@@ -135,8 +135,8 @@ def test_image_distance():
 
 def test_preservation():
     assert preservation(Rate.of(80, 100), Rate.of(60, 100)) == pytest.approx(0.75)
-    with pytest.raises(ValueError):
-        preservation(Rate.of(0, 10), Rate.of(1, 10))
+    assert preservation(Rate.of(0, 10), Rate.of(1, 10)) is None  # undefined, never 0, NaN or an error
+    assert preservation(0.5, 0.25) == pytest.approx(0.5)
 
 
 @needs_classifier

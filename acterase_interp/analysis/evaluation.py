@@ -2,62 +2,35 @@
 the concept rate on prompts that ask for the concept, and what is preserved on prompts that do
 not (factor accuracy relative to the unpatched model, and the same-seed image distance).
 
-Replicates: evaluation seed s generates image j of a prompt set with seed `s * SEED_STRIDE + j`
-in both the patched and the unpatched run, so every comparison is same-seed and every replicate
-uses fresh noise. Unpatched results are cached per seed: a sweep generates them once (per worker,
-when it runs on an executor: see `acterase_interp.executor`).
+Replicates: evaluation seed s generates image j of a prompt set with seed
+`image_seeds("evaluation", n, replicate=s)[j]` = `1000 + s * 100_000 + j` in both the patched and
+the unpatched run (`evaluation.core`: disjoint from the fit's seeds, which start at 0, and from the
+tau selection's), so every comparison is same-seed and every replicate uses fresh noise. Unpatched
+results are cached per seed: a sweep generates them once (per worker, when it runs on an executor:
+see `acterase_interp.executor`).
 """
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from ..evaluation.core import image_seeds, preservation
+from ..evaluation.prompts import prompts_without, scene_of
 from ..executor import Executor, require_spec, resolve, run_cells, worker_local
 from ..generation import generate
 from ..metrics import Classifier, Rate, concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
-from ..metrics import preservation as preservation_ratio
 from ..patching import Patch, Window, patched
 from ..provenance import library_versions
-from ..world.captions import WORDS, canonical
-from ..world.factors import FACTORS, Scene, all_scenes
+from ..world.factors import FACTORS, Scene
 from .records import Record
 
-SEED_STRIDE = 100_000
-"""Image j of evaluation seed s is generated with seed s * SEED_STRIDE + j."""
 DISTANCES = ("mae", "rmse")
 
-_PHRASES = {
-    factor: [(re.compile(rf"(?<![\w-]){re.escape(w)}(?![\w-])"), v) for v in values for w in WORDS[v]]
-    for factor, values in FACTORS.items()
-}
-
-
-def scene_of(prompt: str) -> Scene:
-    """The ConceptWorld scene a caption asks for (canonical words or synonyms, any template); a
-    clear error if a factor is unsaid or ambiguous."""
-    found = {}
-    for factor, phrases in _PHRASES.items():
-        values = {v for pattern, v in phrases if pattern.search(prompt.lower())}
-        if len(values) != 1:
-            what = "names no" if not values else f"names several ({sorted(values)})"
-            raise ValueError(f"prompt {prompt!r} {what} {factor}: non-target prompts must name every factor once")
-        found[factor] = values.pop()
-    return Scene(**found)
-
-
-def prompts_without(concepts: Sequence[str], template: int = 0) -> tuple[list[str], list[Scene]]:
-    """Canonical captions (and scenes) of every ConceptWorld scene that shows none of `concepts`:
-    the non-target set on which a multi-concept eraser must preserve content."""
-    banned = set(concepts)
-    scenes = [s for s in all_scenes() if not banned & {s.shape, s.color, s.background}]
-    if not scenes:
-        raise ValueError(f"every ConceptWorld scene shows one of {sorted(banned)}")
-    return [canonical(s, template) for s in scenes], scenes
+__all__ = ["Evaluator", "evaluate_eraser", "patch_info", "prompts_without", "scene_of"]
 
 
 def _rate_fields(prefix: str, rate: Rate) -> Record:
@@ -157,7 +130,7 @@ class Evaluator:
     def images(self, prompts: Sequence[str], seed: int, patch: Patch | None = None, steps: Window | None = None) -> torch.Tensor:
         """Images of `prompts` for evaluation seed `seed`, with `patch` on (during `steps`)."""
         with patched(self.model, patch, steps):
-            return generate(self.model, list(prompts), seeds=seed * SEED_STRIDE,
+            return generate(self.model, list(prompts), seeds=image_seeds("evaluation", len(prompts), replicate=seed),
                             num_inference_steps=self.options["num_inference_steps"],
                             guidance_scale=self.options["guidance_scale"], batch_size=self.batch_size, progress=False)  # fmt: skip
 
@@ -179,7 +152,7 @@ class Evaluator:
         """One row: concept rates (`concept_rate`, `heldout_concept_rate`, each with Wilson
         `_low`/`_high`, and the unpatched `baseline_*`), `concept_drop` (baseline minus patched),
         non-target factor accuracies (`non_target_accuracy` = all factors right, and per factor),
-        `preservation` (accuracy kept relative to the unpatched run), `image_distance` (mean
+        `preservation` (accuracy kept relative to the unpatched run; None when it was 0), `image_distance` (mean
         same-seed distance on non-target images), the seed, window, options and `meta`."""
         base, run = self.baseline(seed), self._run(seed, patch, steps)
         row: Record = {"concept": self.concept, "seed": seed, "steps": list(steps) if steps else None, **meta}
@@ -196,7 +169,7 @@ class Evaluator:
             row.update(_rate_fields("non_target_accuracy", after["all"]))
             row["baseline_non_target_accuracy"] = before["all"].value
             row.update({f"accuracy_{f}": after[f].value for f in FACTORS})
-            row["preservation"] = preservation_ratio(before["all"], after["all"]) if before["all"].value > 0 else float("nan")
+            row["preservation"] = preservation(before["all"], after["all"])  # None when nothing was right before
             dist = image_distance(run["non_target"][0], base["non_target"][0], self.distance)
             row["image_distance"] = float(dist.mean())
         row.update(patch_info(patch), eval_options=dict(self.options), versions=library_versions())

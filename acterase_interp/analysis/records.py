@@ -40,7 +40,8 @@ def group_mean(
     by = (by,) if isinstance(by, str) else tuple(by)
     groups: dict[tuple, list[float]] = {}
     for r in records:
-        groups.setdefault(tuple(r[k] for k in by), []).append(float(r[value]))
+        # None (an undefined ratio, see `metrics.preservation`) averages as NaN: undefined stays undefined
+        groups.setdefault(tuple(r[k] for k in by), []).append(math.nan if r[value] is None else float(r[value]))
     out = []
     for key, values in groups.items():
         n = len(values)

@@ -13,6 +13,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs, merge
+from ..evaluation.core import REPLICATE_STRIDE
 from ..executor import Executor, require_spec, resolve, run_cells
 from .evaluation import Evaluator
 from .records import Record, summarize
@@ -20,8 +21,9 @@ from .records import Record, summarize
 PAPER_TAUS: tuple[float, ...] = (0.01, 0.02)
 """The paper's thresholds, always part of a tau grid so the Pareto plot can mark them."""
 
-PAIR_SEED_STRIDE = 1_000
-"""Replicate seed s fits with `EraseOptions.seed = s * PAIR_SEED_STRIDE` (pair i: that plus i)."""
+PAIR_SEED_STRIDE = REPLICATE_STRIDE
+"""Replicate seed s fits with `EraseOptions.seed = s * PAIR_SEED_STRIDE` (pair i: that plus i), the
+stride of every replicate (`evaluation.core`), so fit noise never meets evaluation noise."""
 
 SUMMARY_FIELDS: tuple[str, ...] = (
     "concept_rate", "heldout_concept_rate", "concept_drop", "non_target_accuracy", "preservation",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..evaluation.core import TAU_SELECTION_OFFSET
 from ..generation import generate
 from .eraser import Eraser
 from .pairs import PromptPairs
@@ -19,8 +20,9 @@ from .statistics import FitStatistics
 
 TAU_GRID: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 """Fractions of units tried, smallest first (`tau_mode="fraction"`)."""
-SELECT_SEED_OFFSET = 500
-"""Selection image k of a fit with seed s uses seed s + 500 + k (evaluation starts at s + 1000)."""
+SELECT_SEED_OFFSET = TAU_SELECTION_OFFSET
+"""Selection image k of a fit with seed s uses seed s + 500 + k (evaluation starts at s + 1000;
+`evaluation.core` names every offset)."""
 
 
 @dataclass

@@ -23,6 +23,7 @@ from nnsight import DiffusionModel
 from .. import loading
 from ..generation import generate
 from ..io import atomic_write_json
+from ..evaluation.core import Bar, format_bars
 from ..metrics import Classifier, Rate, factor_accuracy
 from ..provenance import library_versions
 from ..report import labelled_grid_png
@@ -74,24 +75,17 @@ def planted_prompts(concepts: Sequence[str], n: int, seed: int) -> dict[str, tup
     return out
 
 
-def _bar(name: str, kind: str, value: float, threshold: float) -> dict:
-    passed = value >= threshold if kind == "accuracy" else value <= threshold + 1e-12  # float-safe at equality
-    return {"name": name, "kind": kind, "value": value, "threshold": threshold, "passed": passed}
-
-
-def _bars(rates: dict[str, dict[str, Rate]]) -> list[dict]:
-    """One entry per bar: name, kind ("accuracy" must reach the threshold; "drop", canonical
-    minus paraphrase "all three" accuracy, must not exceed it), value, threshold, passed."""
+def _bars(rates: dict[str, dict[str, Rate]]) -> list[Bar]:
+    """One bar per check: canonical accuracies must reach their thresholds; the drop of "all
+    three" accuracy from canonical captions to paraphrases must not exceed `PARAPHRASE_GAP`."""
     canon = rates["canonical"]
-    bars = [_bar(f"canonical {_TITLES[c]} >= {100 * t:.0f}%", "accuracy", canon[c].value, t) for c, t in BARS.items()]
+    bars = [Bar.check(f"canonical {_TITLES[c]} accuracy", canon[c].value, ">=", t) for c, t in BARS.items()]
     drop = canon["all"].value - rates["paraphrase"]["all"].value
-    name = f"paraphrase all three within {100 * PARAPHRASE_GAP:.0f} points of canonical"
-    bars.append(_bar(name, "drop", drop, PARAPHRASE_GAP))
+    bars.append(Bar.check("all-three accuracy drop, canonical to paraphrase", drop, "<=", PARAPHRASE_GAP))
     for row, r in rates.items():
         if row.startswith("planted "):
             concept = row.removeprefix("planted ")
-            bars.append(_bar(f"planted {concept!r} drawn >= {100 * PLANTED_BAR:.0f}%", "accuracy",
-                             r[factor_of(concept)].value, PLANTED_BAR))  # fmt: skip
+            bars.append(Bar.check(f"planted {concept!r} drawn", r[factor_of(concept)].value, ">=", PLANTED_BAR))
     return bars
 
 
@@ -132,8 +126,8 @@ def _evaluate(
     bars = _bars(rates)
     result = {
         "rows": {row: {col: r[col].to_dict() for col in COLUMNS} for row, r in rates.items()},
-        "bars": bars,
-        "passed": all(b["passed"] for b in bars),
+        "bars": [b.to_dict() for b in bars],
+        "passed": all(b.passed for b in bars),
         "options": {"n": n, "n_planted": n_planted, "seed": seed, "steps": steps, "guidance": guidance,
                     "all_templates": all_templates},
         "image_seeds": row_seeds,
@@ -164,8 +158,8 @@ def evaluate_quality(
     the model) and column ("shape", "color", "background", "all"), with the bars.
     `steps` and `guidance` default to the model's own defaults.
 
-    Returns a JSON-ready dict: "rows" (row -> column -> Rate fields), "bars" (name, kind, value,
-    threshold, passed), "passed", "options", "image_seeds", "scenes", "prompts", "generation_seconds",
+    Returns a JSON-ready dict: "rows" (row -> column -> Rate fields), "bars" (`Bar` dicts: name, value,
+    threshold, direction, passed), "passed", "options", "image_seeds", "scenes", "prompts", "generation_seconds",
     "model_architecture", "versions"."""
     return _evaluate(model, classifier, n, seed, steps, guidance, all_templates, progress, n_planted)[0]
 
@@ -176,11 +170,7 @@ def markdown_table(result: dict) -> str:
     lines.append("|---" * (len(COLUMNS) + 1) + "|")
     for row, cols in result["rows"].items():
         lines.append(f"| {row} | " + " | ".join(str(Rate(**cols[c])) for c in COLUMNS) + " |")
-    lines.append("")
-    for bar in result["bars"]:
-        measured = f"drop {100 * bar['value']:.1f} points" if bar["kind"] == "drop" else f"{100 * bar['value']:.1f}%"
-        lines.append(f"- {'PASS' if bar['passed'] else 'FAIL'}: {bar['name']} ({measured})")
-    return "\n".join(lines)
+    return "\n".join(lines) + "\n\n" + format_bars(result["bars"], bullet="- ")
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

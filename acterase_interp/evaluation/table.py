@@ -1,0 +1,240 @@
+"""The comparison table: ActErase beside each baseline on ConceptWorld concepts, the same prompt
+pairs, prompt sets and seeds for every method, with attacks, written as JSON and markdown with a
+manifest (seeds, prompt hashes, options, budgets, versions, model hashes).
+
+Per concept and seed s: the pairs are `conceptworld_pairs(concept, n_pairs, seed=s)`; the prompt
+sets `conceptworld_prompt_sets(concept, n_images, default_rng(s + 1), exclude=<every pair
+prompt>)` with the zero-shot set; images at evaluation seeds s + 1000 + k; the attacks search at
+s + 2000 + k. Columns (each a mean over seeds, with its standard error):
+
+- `target_rate`: share of target-prompt images that still show the concept (lower is better);
+- `paraphrase_rate`, `zero_shot_rate`: the same on held-out paraphrases and zero-shot phrasings;
+- `search_asr`, `inversion_asr`: success rates of the prompt search and concept inversion;
+- `preservation`: non-target "all three factors right" accuracy, after / unerased (None if 0);
+- `image_distance`: same-seed mean absolute pixel difference to the unerased non-target images;
+- `fit_s`: wall time to erase (fit, tau choice, training).
+
+A decision is the classifier's argmax (no threshold); the bars of the demo are not applied here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..erase.options import EraseOptions
+from ..loading import architecture_hash
+from ..metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
+from ..provenance import library_versions
+from ..world.captions import WORDS
+from ..world.pairs import concepts as known_concepts
+from ..world.pairs import conceptworld_pairs
+from .attacks import concept_inversion, prompt_search
+from .baselines import METHODS, SLD, UCE, ActErase, ConceptPrune, ESDx, Method, NegativePrompt, Unerased
+from .core import SEED_OFFSETS, image_seeds, preservation
+from .prompts import conceptworld_prompt_sets
+
+FORMAT = "acterase-evaluation/1"
+COLUMNS: tuple[str, ...] = ("target_rate", "paraphrase_rate", "zero_shot_rate", "search_asr", "inversion_asr",
+                            "preservation", "image_distance", "fit_s")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What the table measures, with every budget fixed."""
+
+    concepts: tuple[str, ...] = ("triangle", "red", "dots")
+    """A shape, a color and a background."""
+    methods: tuple[str, ...] = tuple(METHODS)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_pairs: int = 10
+    n_images: int = 32
+    """Images per prompt set (target, paraphrase, zero-shot, non-target) and seed."""
+    num_inference_steps: int | None = None
+    """None: the model's own."""
+    tau: float | str = "auto"
+    search_prompts: int = 8
+    search_tokens: int = 3
+    search_iterations: int = 10
+    search_candidates: int = 8
+    inversion_steps: int = 100
+    inversion_batch: int = 8
+    inversion_eval: int = 32
+    esd_steps: int = 200
+    prune_top_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "concepts", tuple(self.concepts))
+        object.__setattr__(self, "methods", tuple(self.methods))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if bad := [c for c in self.concepts if c not in known_concepts()]:
+            raise ValueError(f"unknown ConceptWorld concept(s) {bad}; choose from {', '.join(known_concepts())}")
+        if bad := [m for m in self.methods if m not in METHODS]:
+            raise ValueError(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+        if not self.concepts or not self.methods or not self.seeds:
+            raise ValueError("the table needs at least one concept, method and seed")
+        if min(self.n_pairs, self.n_images, self.search_prompts, self.inversion_eval) < 1:
+            raise ValueError("n_pairs, n_images, search_prompts and inversion_eval must be at least 1")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _method(name: str, spec: TableSpec, classifier: Any, steps: int, seed: int) -> Method:
+    if name == "acterase":
+        return ActErase(EraseOptions(num_inference_steps=steps, seed=seed), tau=spec.tau, shows_concept=classifier.shows)
+    if name == "esd_x":
+        return ESDx(steps=spec.esd_steps, num_inference_steps=steps, seed=seed)
+    if name == "concept_prune":
+        return ConceptPrune(top_fraction=spec.prune_top_fraction, num_inference_steps=steps, seed=seed)
+    return {"unerased": Unerased, "negative_prompt": NegativePrompt, "sld": SLD, "uce": UCE}[name]()
+
+
+def _hash(prompts: Sequence[str]) -> str:
+    return hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest()[:16]
+
+
+def _run_seed(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int) -> tuple[list[dict], dict]:
+    pairs = conceptworld_pairs(concept, n=spec.n_pairs, seed=seed)
+    pairs = replace(pairs, meta={**pairs.meta, "concept_text": WORDS[concept][0]})  # what a negative prompt says
+    sets = conceptworld_prompt_sets(concept, spec.n_images, np.random.default_rng(seed + 1),
+                                    pairs.targets + pairs.sources + pairs.non_target, zero_shot_set=True)  # fmt: skip
+    by = {s.name: s for s in sets}
+    seeds = image_seeds("evaluation", spec.n_images, base=seed)
+    record = {"concept": concept, "seed": seed, "eval_seeds": seeds, "prompts": {s.name: list(s.prompts) for s in sets},
+              "prompt_hashes": {s.name: _hash(s.prompts) for s in sets}, "pairs_hash": _hash(pairs.targets + pairs.sources)}  # fmt: skip
+    with Unerased().fit(model, pairs).applied(model) as sample:
+        reference = sample(by["non_target"].prompts, seeds, steps)
+    before = factor_accuracy_from_predictions(classifier.predict(reference), by["non_target"].scenes)["all"]
+    rows = []
+    for name in spec.methods:
+        method = _method(name, spec, classifier, steps, seed).fit(model, pairs)
+        row: dict[str, Any] = {"concept": concept, "method": name, "seed": seed, "fit_s": method.fit_seconds_,
+                               "method_options": method.describe()}  # fmt: skip
+        with method.applied(model) as sample:
+            for set_name in ("target", "paraphrase", "zero_shot"):
+                images = sample(by[set_name].prompts, seeds, steps)
+                row[f"{set_name}_rate"] = concept_rate_from_predictions(classifier.predict(images), concept).to_dict()
+            images = sample(by["non_target"].prompts, seeds, steps)
+        after = factor_accuracy_from_predictions(classifier.predict(images), by["non_target"].scenes)["all"]
+        row["non_target_accuracy"] = after.to_dict()
+        row["preservation"] = preservation(before, after)
+        row["image_distance"] = float(image_distance(images, reference).mean())
+        search = prompt_search(method, model, classifier, concept, by["target"].prompts[: spec.search_prompts],
+                               n_tokens=spec.search_tokens, iterations=spec.search_iterations,
+                               candidates=spec.search_candidates, seed=seed, num_inference_steps=steps)  # fmt: skip
+        inversion = concept_inversion(method, model, classifier, concept, steps=spec.inversion_steps,
+                                      batch=spec.inversion_batch, n_eval=spec.inversion_eval, seed=seed,
+                                      num_inference_steps=steps)  # fmt: skip
+        row["search_asr"], row["inversion_asr"] = search.success.to_dict(), inversion.success.to_dict()
+        row["attacks"] = {"prompt_search": {"budget": search.budget, "prompts": search.prompts, "seconds": search.seconds},
+                          "concept_inversion": {"budget": inversion.budget, "seconds": inversion.seconds,
+                                                "losses": inversion.details["losses"]}}  # fmt: skip
+        rows.append(row)
+    record["unerased_non_target_accuracy"] = before.to_dict()
+    return rows, record
+
+
+def _value(row: dict, column: str) -> float | None:
+    v = row.get(column)
+    return v["value"] if isinstance(v, dict) else v
+
+
+def summarize(rows: Sequence[dict]) -> list[dict]:
+    """Per (concept, method): the mean over seeds of every column, with its standard error (None
+    with one seed); a column whose values include None (undefined) is None."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["concept"], r["method"]), []).append(r)
+    out = []
+    for (concept, method), rs in groups.items():
+        summary: dict[str, Any] = {"concept": concept, "method": method, "n_seeds": len(rs)}
+        for c in COLUMNS:
+            values = [_value(r, c) for r in rs]
+            if any(v is None for v in values):
+                summary[c] = summary[f"{c}_sem"] = None
+                continue
+            mean = sum(values) / len(values)
+            summary[c] = mean
+            n = len(values)
+            summary[f"{c}_sem"] = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else None
+        out.append(summary)
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The summary as a markdown table (one row per concept and method), then the manifest's essentials."""
+    titles = {"target_rate": "erasure: target rate", "paraphrase_rate": "paraphrase rate", "zero_shot_rate": "zero-shot rate",
+              "search_asr": "prompt-search ASR", "inversion_asr": "inversion ASR", "preservation": "non-target kept",
+              "image_distance": "non-target distance", "fit_s": "time to erase (s)"}  # fmt: skip
+
+    def cell(row: dict, c: str) -> str:
+        v, sem = row[c], row[f"{c}_sem"]
+        if v is None:
+            return "n/a"
+        fmt = (lambda x: f"{x:.1f}") if c == "fit_s" else (lambda x: f"{x:.3f}")
+        return fmt(v) + (f" ± {fmt(sem)}" if sem is not None else "")
+
+    lines = ["| concept | method | " + " | ".join(titles[c] for c in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 2) + "|"]  # fmt: skip
+    for row in result["summary"]:
+        lines.append(f"| {row['concept']} | {row['method']} | " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
+    m = result["manifest"]
+    lines += ["", f"Means over seeds {list(m['spec']['seeds'])} (± standard error); {m['spec']['n_images']} images per prompt "
+              f"set and seed, {m['num_inference_steps']} denoising steps, guidance {m['guidance_scale']}; seed offsets "
+              f"{m['seed_offsets']}; a decision is the classifier's argmax. Model {m['model']['architecture_hash']}, "
+              f"{m['seconds']:.0f} s in all."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def command_line(spec: TableSpec, model: str = "conceptworld") -> str:
+    """The `acterase evaluate` command that measures `spec` (every field spelled out)."""
+    parts = ["acterase evaluate", f"--model {model}", "--concepts " + " ".join(spec.concepts),
+             "--methods " + " ".join(spec.methods), "--seeds " + " ".join(map(str, spec.seeds))]  # fmt: skip
+    if spec.num_inference_steps is not None:
+        parts.append(f"--steps {spec.num_inference_steps}")
+    parts.append(f"--tau {spec.tau}")
+    skip = {"concepts", "methods", "seeds", "num_inference_steps", "tau"}
+    parts += [f"--{k.replace('_', '-')} {v}" for k, v in spec.to_dict().items() if k not in skip]
+    return " ".join(parts)
+
+
+def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, progress: bool = True) -> dict:
+    """Every method on every concept and seed of `spec` (see the module docstring). Returns a
+    JSON-ready dict: "format", "rows" (one per concept, method and seed), "summary" (seed means),
+    "records" (per concept and seed: prompts, their hashes, evaluation seeds) and "manifest"."""
+    from ..demo import weights_hash
+
+    start = time.perf_counter()
+    steps = spec.num_inference_steps or model.defaults.num_inference_steps
+    rows, records = [], []
+    jobs = [(c, s) for c in spec.concepts for s in spec.seeds]
+    for concept, seed in tqdm(jobs, desc="evaluate", disable=not progress):
+        r, rec = _run_seed(model, classifier, concept, seed, spec, steps)
+        rows += r
+        records.append(rec)
+    pipe = model.pipeline
+    manifest = {
+        "spec": spec.to_dict(),
+        "num_inference_steps": steps,
+        "guidance_scale": model.defaults.guidance_scale,
+        "seed_offsets": SEED_OFFSETS,
+        "decision": "classifier argmax per factor",
+        "model": {"architecture_hash": architecture_hash(pipe),
+                  "weights_hash": weights_hash(pipe.unet, pipe.text_encoder, pipe.vae),
+                  "classifier_hash": weights_hash(classifier)},  # fmt: skip
+        "versions": library_versions(),
+        "seconds": time.perf_counter() - start,
+    }
+    return {"format": FORMAT, "rows": rows, "summary": summarize(rows), "records": records, "manifest": manifest}
+
+
+__all__ = ["COLUMNS", "TableSpec", "command_line", "markdown", "run_table", "summarize"]

@@ -1,0 +1,69 @@
+"""The comparison table and `acterase evaluate`, at a tiny budget."""
+
+import hashlib
+import json
+import shlex
+
+import pytest
+
+from acterase_interp.cli import _parser, main
+from acterase_interp.evaluation.table import COLUMNS, TableSpec, command_line, summarize
+
+TINY = ["--concepts", "triangle", "--methods", "unerased", "uce", "--seeds", "0", "--steps", "2", "--n-pairs", "2",
+        "--n-images", "2", "--search-prompts", "1", "--search-iterations", "1", "--search-candidates", "2",
+        "--inversion-steps", "1", "--inversion-batch", "2", "--inversion-eval", "2"]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_evaluate_command_writes_json_markdown_and_manifest(tmp_path, capsys):
+    assert main(["evaluate", *TINY, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    table = (tmp_path / "table.md").read_text()
+    assert result["format"] == "acterase-evaluation/1"
+    assert [(r["method"], r["seed"]) for r in result["rows"]] == [("unerased", 0), ("uce", 0)]
+    assert len(result["summary"]) == 2 and "| triangle | uce |" in table and "| triangle | unerased |" in table
+    unerased = result["rows"][0]
+    assert unerased["preservation"] == 1.0 and unerased["image_distance"] == 0.0  # the reference against itself
+    for row in result["rows"]:
+        assert all(row[c]["n"] == 2 for c in ("target_rate", "paraphrase_rate", "zero_shot_rate", "inversion_asr"))
+        assert row["search_asr"]["n"] == 1
+    record = result["records"][0]
+    assert min(record["eval_seeds"]) == 1000
+    for name, prompts in record["prompts"].items():
+        assert record["prompt_hashes"][name] == hashlib.sha256(json.dumps(prompts).encode()).hexdigest()[:16]
+    manifest = result["manifest"]
+    assert {"spec", "seed_offsets", "model", "versions", "command", "num_inference_steps"} <= set(manifest)
+    assert manifest["spec"]["seeds"] == [0] and manifest["num_inference_steps"] == 2
+    # the recorded command measures the same spec
+    args = _parser().parse_args(shlex.split(manifest["command"])[1:] + ["--out", "x"])
+    assert args.concepts == ["triangle"] and args.methods == ["unerased", "uce"] and args.n_images == 2
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_command_line_spells_out_every_budget():
+    spec = TableSpec(concepts=("red",), methods=("acterase", "sld"), seeds=(1, 2), n_images=5, esd_steps=7)
+    args = _parser().parse_args(shlex.split(command_line(spec))[1:])
+    names = [k for k in spec.to_dict() if k not in {"concepts", "methods", "seeds", "num_inference_steps", "tau"}]
+    rebuilt = TableSpec(concepts=tuple(args.concepts), methods=tuple(args.methods), seeds=tuple(args.seeds),
+                        num_inference_steps=args.steps, tau=args.tau, **{n: getattr(args, n) for n in names})  # fmt: skip
+    assert rebuilt == spec
+
+
+def test_summary_means_sems_and_undefined_values():
+    def row(seed, rate, kept):
+        return {"concept": "red", "method": "uce", "seed": seed, "fit_s": 1.0, "image_distance": 0.1,
+                "preservation": kept, **{c: {"value": rate} for c in COLUMNS if c.endswith(("rate", "asr"))}}  # fmt: skip
+
+    s = summarize([row(0, 0.2, 1.0), row(1, 0.4, 0.8)])[0]
+    assert s["target_rate"] == pytest.approx(0.3) and s["target_rate_sem"] == pytest.approx(0.1)
+    assert s["preservation"] == pytest.approx(0.9) and s["n_seeds"] == 2
+    assert summarize([row(0, 0.2, None), row(1, 0.4, 0.8)])[0]["preservation"] is None
+
+
+def test_spec_and_command_refuse_bad_input(capsys):
+    with pytest.raises(ValueError, match="unknown ConceptWorld concept"):
+        TableSpec(concepts=("hexagon",))
+    with pytest.raises(ValueError, match="unknown method"):
+        TableSpec(methods=("esd_u",))
+    assert main(["evaluate", "--concepts", "hexagon", "--out", "x"]) == 2
+    assert "hexagon" in capsys.readouterr().err
