@@ -267,7 +267,8 @@ def _erased(model, ev: _Evaluation, eraser, classifier, steps: int, guidance: fl
 
 def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: float | str, classifier,
          progress: bool, **options: Any):  # fmt: skip
-    """(pairs, eraser, fit seconds, tau choice or None) for `concept`; tau "auto" is `choose_tau` on the fit pairs."""
+    """(pairs, eraser, fit seconds, tau choice or None, fit statistics) for `concept`; tau "auto" is
+    `choose_tau` on the fit pairs."""
     pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
     auto = tau == AUTO
     opts = EraseOptions(seed=seed, **options, **({} if auto else {"tau": tau}))
@@ -279,14 +280,14 @@ def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: 
         choice = choose_tau(model, fitter.statistics, pairs, lambda x: classifier.shows(x, concept), seed=seed,
                             num_inference_steps=opts.num_inference_steps)  # fmt: skip
         eraser, fit_s = choice.eraser, fit_s + time.perf_counter() - start
-    return pairs, eraser, fit_s, choice
+    return pairs, eraser, fit_s, choice, fitter.statistics
 
 
 def _beside(model, concept: str, classifier, n_pairs: int, n_images: int, seed: int, steps: int, guidance: float,
             tau: float | str, progress: bool, options: dict) -> dict:  # fmt: skip
     """A natural concept under the same recipe, under every FFN unit replaced, and under every
     cross-attention output replaced: what the FFN default does there, and where it lives instead."""
-    pairs, eraser, _, choice = _fit(model, concept, n_pairs, seed, None, tau, classifier, progress, **options)
+    pairs, eraser, _, choice, _ = _fit(model, concept, n_pairs, seed, None, tau, classifier, progress, **options)
     cross = EraserFitter(model, replace(eraser_options(eraser), site_kind="attn2_out"), progress=progress).fit(pairs)
     ev = _evaluation(model, concept, pairs, n_images, seed, steps, guidance, progress)
     tau_used = eraser_options(eraser).tau
@@ -351,9 +352,9 @@ def run_demo(
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
     options = {**options, "num_inference_steps": steps, "guidance_scale": guidance}
-    pairs, eraser, fit_s, choice = _fit(model, concept, n_pairs, seed, anchor, tau, classifier, progress, **options)
+    pairs, eraser, fit_s, choice, stats = _fit(model, concept, n_pairs, seed, anchor, tau, classifier, progress, **options)
     eraser = eraser.saturated() if all_units else eraser
-    eraser.save(out / "eraser")
+    eraser.save(out / "eraser", statistics=stats)  # the statistics beside it: re-threshold without the model
 
     ev = _evaluation(model, concept, pairs, n_images, seed, steps, guidance, progress)
     images, preds, seeds_by_group, gen_after_s = _erased(model, ev, eraser, classifier, steps, guidance, progress)

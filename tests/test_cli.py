@@ -11,6 +11,7 @@ from PIL import Image
 from acterase_interp.cli import main
 from acterase_interp.demo import run_demo
 from acterase_interp.erase.eraser import Eraser
+from acterase_interp.erase.statistics import FitStatistics
 from acterase_interp.world.captions import WORDS
 from acterase_interp.world.pairs import conceptworld_pairs
 
@@ -97,6 +98,7 @@ def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
     assert (tmp_path / "report.html").read_text().count("<h2>") >= 8
     assert all(Path(p).exists() for p in results["files"]["grids"])
     assert Eraser.load(tmp_path / "eraser", model=conceptworld).mask_density() == pytest.approx(results["mask_density"])
+    assert FitStatistics.load(tmp_path / "eraser").eraser(tau=0.05).mask_density() == pytest.approx(results["mask_density"])
     assert results["factor"] == {"triangle": "shape", "red": "color", "dots": "background"}[concept]
     for group in ("target", "paraphrase", "non_target"):
         assert len(results["prompts"][group]) == len(results["seeds"][group]) == 3

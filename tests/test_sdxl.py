@@ -119,10 +119,21 @@ def tiny() -> DiffusionModel:
 
 
 @pytest.fixture(scope="module")
-def eraser(tiny) -> Eraser:
+def fitted(tiny) -> tuple[Eraser, FitStatistics]:
     pairs = PromptPairs("triangle", ["a red triangle on a plain background", "a blue triangle on a striped background"],
                         ["a red square on a plain background", "a blue square on a striped background"])  # fmt: skip
-    return EraserFitter(tiny, EraseOptions(tau=0.05), progress=False).fit(pairs)
+    fitter = EraserFitter(tiny, EraseOptions(tau=0.05), progress=False)
+    return fitter.fit(pairs), fitter.statistics
+
+
+@pytest.fixture(scope="module")
+def eraser(fitted) -> Eraser:
+    return fitted[0]
+
+
+@pytest.fixture(scope="module")
+def stats(fitted) -> FitStatistics:
+    return fitted[1]
 
 
 def _images(model, prompts=PROMPTS, seeds=0) -> torch.Tensor:
@@ -196,8 +207,7 @@ def mixed(tiny, eraser) -> Eraser:
 
 
 @pytest.mark.parametrize("variant", ["fitted", "per_step", "absolute", "mixed", "merged"])
-def test_nnsight_patching_equals_torch_hooks(tiny, eraser, mixed, variant):
-    stats = eraser.statistics
+def test_nnsight_patching_equals_torch_hooks(tiny, eraser, stats, mixed, variant):
     chosen = {
         "fitted": lambda: eraser,
         "per_step": lambda: stats.eraser(time_mask="per_step", tau=0.2),
@@ -210,8 +220,8 @@ def test_nnsight_patching_equals_torch_hooks(tiny, eraser, mixed, variant):
     assert torch.equal(_traced(tiny, chosen), hooked)
 
 
-def test_artifacts_and_rethresholding_round_trip(tiny, eraser, tmp_path):
-    eraser.save(tmp_path / "eraser")
+def test_artifacts_and_rethresholding_round_trip(tiny, eraser, stats, tmp_path):
+    eraser.save(tmp_path / "eraser", statistics=stats)
     manifest = json.loads((tmp_path / "eraser" / "eraser.json").read_text())
     assert manifest["architecture_hash"] == architecture_hash(tiny.pipeline) and manifest["height"] == SIDE
     back = Eraser.load(tmp_path / "eraser", model=tiny)
@@ -222,8 +232,8 @@ def test_artifacts_and_rethresholding_round_trip(tiny, eraser, tmp_path):
     with eraser.applied(tiny):
         assert torch.equal(_images(tiny), loaded)
     # re-thresholding needs no model: the loaded statistics give the fresh fit's masks
-    st = eraser.statistics
-    again = back.statistics.eraser(tau=0.3, blocks=("mid",))
+    st = stats
+    again = FitStatistics.load(tmp_path / "eraser").eraser(tau=0.3, blocks=("mid",))
     assert [s.name for s in again.sites] == [f"mid.0.t{k}.ffn_hidden" for k in range(10)]
     assert all(torch.equal(again.masks[n], st.eraser(tau=0.3).masks[n]) for n in again.masks)
     st.save(tmp_path / "stats")
