@@ -204,7 +204,8 @@ def run_scale(scale: Scale, device: str, reps: int, warmup: int, log: Callable[[
         pairs = replace(pairs, targets=pairs.targets[: scale.pairs], sources=pairs.sources[: scale.pairs])
     options = EraseOptions(num_inference_steps=scale.steps, tau=0.02, seed=SEED)
     fit = lambda: EraserFitter(model, options, progress=False).fit(pairs)  # noqa: E731
-    eraser = fit()
+    fitter = EraserFitter(model, options, progress=False)
+    eraser = fitter.fit(pairs)
     prompts = list(pairs.targets) * math.ceil(scale.prompts / len(pairs))
     prompts, seeds = prompts[: scale.prompts], list(range(SEED, SEED + scale.prompts))
     plain = lambda: _latents(model, prompts, seeds, scale.steps)  # noqa: E731
@@ -237,7 +238,7 @@ def run_scale(scale: Scale, device: str, reps: int, warmup: int, log: Callable[[
     figures.append(figure("nnsight-traced patching", "torch hooks (Eraser.applied)", "nnsight trace (Eraser.apply)",
                           runs, "seconds", None, f"same patch; outputs differ by at most {diff:.1e}"))
     if scale.name == "sd15":
-        figures.append(rethreshold(_paper_size(eraser.statistics), reps, warmup))
+        figures.append(rethreshold(_paper_size(fitter.statistics), reps, warmup))
         log(f"{scale.name}: re-threshold done")
     return figures, info
 
