@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from acterase_interp.analysis.records import group_mean
+from acterase_interp.analysis.sweeps import margin
 from acterase_interp.erase.select import SELECT_SEED_OFFSET
 from acterase_interp.evaluation import (
     SEED_OFFSETS,
@@ -44,6 +45,8 @@ def test_preservation_policy():
     assert preservation(0.0, 0.5) is None
     # undefined rows average as undefined in record tables
     assert np.isnan(group_mean([{"k": 1, "p": None}, {"k": 1, "p": 1.0}], "k", "p")[0]["p"])
+    assert np.isnan(margin({"preservation": None, "concept_rate": 0.1}))
+    assert margin({"preservation": 0.9, "concept_rate": 0.1}) == pytest.approx(0.8)
 
 
 def test_seed_offsets_are_named_and_disjoint():

@@ -48,7 +48,7 @@ def pareto_front(
     a higher preservation are better), sorted by `x`. Ties on both are all kept."""
     rows = list(records)
     sx, sy = (1 if x_lower else -1), (-1 if y_higher else 1)  # turn both into "smaller is better"
-    key = [(sx * float(r[x]), sy * float(r[y])) for r in rows]
+    key = [(sx * _number(r[x]), sy * _number(r[y])) for r in rows]
 
     def dominated(i: int) -> bool:
         a, b = key[i]
@@ -62,7 +62,12 @@ def pareto_front(
 def margin(row: Record) -> float:
     """The default trade-off score of a tau: preservation minus concept rate (both shares, so a
     perfect eraser scores 1 and doing nothing scores about 1 - the baseline concept rate)."""
-    return float(row["preservation"]) - float(row["concept_rate"])
+    return _number(row["preservation"]) - _number(row["concept_rate"])
+
+
+def _number(value: float | None) -> float:
+    """A record's value as a float; None (undefined, see `metrics.preservation`) is NaN."""
+    return math.nan if value is None else float(value)
 
 
 def _fit(model: Any, pairs: PromptPairs, options: EraseOptions, seed: int, progress: bool) -> FitStatistics:
