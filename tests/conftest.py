@@ -7,6 +7,7 @@ groups the tests of each version together and frees one pipeline before building
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
@@ -56,3 +57,22 @@ class RandomSD:
 def random_sd(request: pytest.FixtureRequest) -> RandomSD:
     pipe = build_random_sd(request.param, seed=0, sample_size=SD_LATENT)
     return RandomSD(request.param, load(pipe), pipe, discover_sites(pipe.unet))
+
+
+def fired_order(unet, sites: list[Site], run: Callable[[], object]) -> list[str]:
+    """Names of `sites` in the order their activations appear while `run()` calls `unet` once,
+    from pre-hooks (inputs) and forward hooks (outputs)."""
+    fired: list[str] = []
+    handles = []
+    for s in sites:
+        module = unet.get_submodule(s.module_path) if s.module_path else unet
+        if s.io == "input":
+            handles.append(module.register_forward_pre_hook(lambda m, a, name=s.name: fired.append(name)))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, o, name=s.name: fired.append(name)))
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return fired

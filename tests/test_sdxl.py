@@ -14,6 +14,8 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from nnsight import DiffusionModel
 
+from conftest import fired_order
+
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
 from acterase_interp.generation import generate
 from acterase_interp.loading import GenerationDefaults, architecture_hash, load, wrap
@@ -33,24 +35,6 @@ SDXL_BLOCKS = [f"{m}.t{k}" for group, ms in MODULES.items() for m in ms for k in
 
 def _blocks(sites: list[Site]) -> list[str]:
     return list(dict.fromkeys(s.block for s in sites if s.kind != UNET_OUT))
-
-
-def _fired(unet, sites: list[Site], run) -> list[str]:
-    """Site names in the order their activations appear while `run()` calls `unet`."""
-    fired: list[str] = []
-    handles = []
-    for s in sites:
-        module = unet.get_submodule(s.module_path) if s.module_path else unet
-        if s.io == "input":
-            handles.append(module.register_forward_pre_hook(lambda m, a, name=s.name: fired.append(name)))
-        else:
-            handles.append(module.register_forward_hook(lambda m, a, o, name=s.name: fired.append(name)))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return fired
 
 
 # -- SDXL base, on the meta device ------------------------------------------------------------
@@ -93,7 +77,7 @@ def test_sdxl_base_site_table(base):
     # the order activations appear in a forward pass (meta tensors: shapes only, no arithmetic)
     x, context = torch.zeros(1, 4, 16, 16, device="meta"), torch.zeros(1, 77, 2048, device="meta")
     cond = {"text_embeds": torch.zeros(1, 1280, device="meta"), "time_ids": torch.zeros(1, 6, device="meta")}
-    order = _fired(base.unet, sites, lambda: base.unet(x, 999, encoder_hidden_states=context, added_cond_kwargs=cond))
+    order = fired_order(base.unet, sites, lambda: base.unet(x, 999, encoder_hidden_states=context, added_cond_kwargs=cond))
     assert order == [s.name for s in sites]
 
 
@@ -167,7 +151,7 @@ def test_tiny_order_in_a_pipeline_call(tiny):
     pipe = tiny.pipeline
     sites = discover_sites(pipe.unet)
     run = lambda: pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, output_type="latent")  # noqa: E731
-    assert _fired(pipe.unet, sites, run) == [s.name for s in sites]
+    assert fired_order(pipe.unet, sites, run) == [s.name for s in sites]
 
 
 def test_generation_is_seeded_per_image(tiny):

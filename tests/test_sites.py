@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import nnsight
 import pytest
 import torch
+
+from conftest import fired_order
 
 from acterase_interp.sites import (
     SITE_KINDS,
@@ -34,25 +34,6 @@ def _check_order(sites: list[Site]) -> None:
         kinds = [s.kind for s in sites if s.block == block]
         assert kinds == list(BLOCK_KINDS), (block, kinds)
     assert sites[-1].kind == UNET_OUT and sum(s.kind == UNET_OUT for s in sites) == 1
-
-
-def _fired_order(unet, sites: list[Site], run: Callable[[], object]) -> list[str]:
-    """Names of `sites` in the order their activations appear while `run()` calls `unet` once,
-    from pre-hooks (inputs) and forward hooks (outputs)."""
-    fired: list[str] = []
-    handles = []
-    for s in sites:
-        module = unet.get_submodule(s.module_path) if s.module_path else unet
-        if s.io == "input":
-            handles.append(module.register_forward_pre_hook(lambda m, a, name=s.name: fired.append(name)))
-        else:
-            handles.append(module.register_forward_hook(lambda m, a, o, name=s.name: fired.append(name)))
-    try:
-        run()
-    finally:
-        for h in handles:
-            h.remove()
-    return fired
 
 
 def test_conceptworld_sites(conceptworld_sites):
@@ -84,7 +65,7 @@ def test_order_is_the_order_activations_appear(conceptworld, conceptworld_sites)
         pipe("a red circle", num_inference_steps=1, guidance_scale=1.0, output_type="latent",
              generator=torch.Generator().manual_seed(0))  # fmt: skip
 
-    assert _fired_order(pipe.unet, conceptworld_sites, one_step) == [s.name for s in conceptworld_sites]
+    assert fired_order(pipe.unet, conceptworld_sites, one_step) == [s.name for s in conceptworld_sites]
 
 
 def test_sites_can_be_read_in_order_in_an_nnsight_trace(conceptworld, conceptworld_sites):
@@ -139,7 +120,7 @@ def test_random_sd_order_is_the_order_activations_appear(random_sd):
         with torch.no_grad():
             unet(latents, 500, encoder_hidden_states=context)
 
-    assert _fired_order(unet, random_sd.sites, one_call) == [s.name for s in random_sd.sites]
+    assert fired_order(unet, random_sd.sites, one_call) == [s.name for s in random_sd.sites]
 
 
 def test_select_sites(conceptworld_sites):
