@@ -65,13 +65,7 @@ def execute(nb, *, small: bool, cwd: Path = NOTEBOOK_DIR, timeout_s: int = CELL_
         km = KernelManager(kernel_name=KERNEL, kernel_spec_manager=_kernel_specs(Path(kernels)))
         client = NotebookClient(nb, km=km, timeout=timeout_s, allow_errors=False,
                                 resources={"metadata": {"path": str(cwd)}})  # fmt: skip
-        saved = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)  # the kernel inherits this process's environment
-        try:
-            client.execute()
-        finally:
-            for k, v in saved.items():
-                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+        client.execute(env={**os.environ, **env})  # passed on to the kernel's start, not set here
     return nb
 
 

@@ -16,6 +16,7 @@ from diffusers import StableDiffusionPipeline
 from nnsight import DiffusionModel
 
 from acterase_interp.loading import load
+from acterase_interp.patching import patch_in_trace
 from acterase_interp.random_sd import build_random_sd
 from acterase_interp.sites import Site, discover_sites
 
@@ -76,3 +77,20 @@ def fired_order(unet, sites: list[Site], run: Callable[[], object]) -> list[str]
         for h in handles:
             h.remove()
     return fired
+
+
+def traced_images(model: DiffusionModel, patch, prompts: list[str], steps: int) -> torch.Tensor:
+    """Images with `patch` applied inside an nnsight trace, step by step (seed i for prompt i)."""
+    d = model.defaults
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    with model.generate(prompts, num_inference_steps=steps, guidance_scale=d.guidance_scale, height=d.height,
+                        width=d.width, generator=generators, output_type="pt") as tracer:  # fmt: skip
+        for step in tracer.iter[:steps]:
+            patch_in_trace(model, patch, step)  # what Eraser.apply does
+        images = model.output.images.save()
+    return images.float().cpu()
+
+
+def hook_count(model: DiffusionModel) -> int:
+    """Forward hooks and pre-hooks on the UNet's modules (0 when nothing is patched)."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.pipeline.unet.modules())

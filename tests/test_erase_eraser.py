@@ -10,6 +10,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
+from conftest import hook_count, traced_images
+
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, merge
 from acterase_interp.generation import generate
 from acterase_interp.loading import wrap
@@ -49,36 +51,24 @@ def _images(model, prompts=PROMPTS, steps=STEPS) -> torch.Tensor:
 
 
 def _traced(model, eraser: Eraser, prompts=PROMPTS) -> torch.Tensor:
-    """Images with the eraser applied inside an nnsight trace, step by step."""
-    d = model.defaults
-    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    with model.generate(prompts, num_inference_steps=STEPS, guidance_scale=d.guidance_scale, height=d.height,
-                        width=d.width, generator=generators, output_type="pt") as tracer:  # fmt: skip
-        for step in tracer.iter[:STEPS]:
-            eraser.apply(model, step)
-        images = model.output.images.save()
-    return images.float().cpu()
-
-
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.pipeline.unet.modules())
+    return traced_images(model, eraser, prompts, STEPS)
 
 
 # -- the on/off switch ------------------------------------------------------------------------
 
 
 def test_eraser_off_is_the_original_model_bit_for_bit(conceptworld, eraser):
-    hooks = _hook_count(conceptworld)
+    hooks = hook_count(conceptworld)
     before = _images(conceptworld)
     with eraser.applied(conceptworld):
         on = _images(conceptworld)
     after = _images(conceptworld)
-    assert torch.equal(before, after) and _hook_count(conceptworld) == hooks
+    assert torch.equal(before, after) and hook_count(conceptworld) == hooks
     assert (on - before).abs().max() > 1e-3  # the eraser does change the images
     with pytest.raises(RuntimeError, match="boom"):
         with eraser.applied(conceptworld):
             raise RuntimeError("boom")
-    assert _hook_count(conceptworld) == hooks and torch.equal(_images(conceptworld), before)
+    assert hook_count(conceptworld) == hooks and torch.equal(_images(conceptworld), before)
 
 
 @pytest.mark.parametrize("variant", ["fitted", "per_step", "absolute", "mixed"])
@@ -95,11 +85,11 @@ def test_nnsight_patching_equals_torch_hooks(conceptworld, statistics, eraser, m
 
 
 def test_per_step_erasers_check_the_step_schedule(conceptworld, mixed):
-    hooks = _hook_count(conceptworld)
+    hooks = hook_count(conceptworld)
     with pytest.raises(RuntimeError, match=f"per-step patch .* was fitted for timestep .* and {STEPS} denoising steps"):
         with mixed.applied(conceptworld):
             _images(conceptworld, steps=STEPS + 2)
-    assert _hook_count(conceptworld) == hooks
+    assert hook_count(conceptworld) == hooks
 
 
 # -- Eq. 6 ----------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
+from conftest import traced_images
+
 from acterase_interp.analysis.subspace import SubspacePatch
 from acterase_interp.generation import generate
 from acterase_interp.patching import (
@@ -20,7 +22,6 @@ from acterase_interp.patching import (
     count_steps,
     from_tokens,
     hook_site,
-    patch_in_trace,
     patched,
     rewrap,
     to_tokens,
@@ -241,13 +242,6 @@ def test_nnsight_path_equals_hooks_path_for_a_subspace_patch(conceptworld, conce
     before = generate(m, PROMPTS, seeds=0, num_inference_steps=STEPS, progress=False)
     with patch.applied(m):
         hooked = generate(m, PROMPTS, seeds=0, num_inference_steps=STEPS, progress=False)
-    d = m.defaults
-    generators = [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))]
-    with m.generate(PROMPTS, num_inference_steps=STEPS, guidance_scale=d.guidance_scale, height=d.height,
-                    width=d.width, generator=generators, output_type="pt") as tracer:  # fmt: skip
-        for step in tracer.iter[:STEPS]:
-            patch_in_trace(m, patch, step)
-        traced = m.output.images.save()
-    assert torch.equal(traced.float().cpu(), hooked)
+    assert torch.equal(traced_images(m, patch, PROMPTS, STEPS), hooked)
     assert (hooked - before).abs().max() > 1e-3
     assert torch.equal(generate(m, PROMPTS, seeds=0, num_inference_steps=STEPS, progress=False), before)

@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from nnsight import DiffusionModel
 
-from conftest import fired_order
+from conftest import fired_order, hook_count, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
 from acterase_interp.generation import generate
@@ -125,17 +125,7 @@ def _images(model, prompts=PROMPTS, seeds=0) -> torch.Tensor:
 
 
 def _traced(model, patch: Eraser, prompts=PROMPTS) -> torch.Tensor:
-    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    with model.generate(prompts, num_inference_steps=STEPS, guidance_scale=model.defaults.guidance_scale,
-                        generator=generators, output_type="pt") as tracer:  # fmt: skip
-        for step in tracer.iter[:STEPS]:
-            patch.apply(model, step)
-        images = model.output.images.save()
-    return images.float().cpu()
-
-
-def _hook_count(model) -> int:
-    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.pipeline.unet.modules())
+    return traced_images(model, patch, prompts, STEPS)
 
 
 def test_tiny_has_sdxl_base_layout(tiny, base):
@@ -172,11 +162,11 @@ def test_fit_covers_every_sdxl_block(eraser):
 
 
 def test_eraser_off_is_the_original_model_bit_for_bit(tiny, eraser):
-    hooks = _hook_count(tiny)
+    hooks = hook_count(tiny)
     before = _images(tiny)
     with eraser.applied(tiny):
         on = _images(tiny)
-    assert torch.equal(_images(tiny), before) and _hook_count(tiny) == hooks
+    assert torch.equal(_images(tiny), before) and hook_count(tiny) == hooks
     assert (on - before).abs().max() > 1e-3
 
 
