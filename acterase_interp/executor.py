@@ -98,8 +98,10 @@ def run_cells(
                 out.append(fn(*cell))
                 bar.update(1)
             return out
-        if isinstance(executor, ThreadPoolExecutor):
-            raise TypeError("run sweeps on worker processes, not threads: threads would share one model and its hooks")
+        threads = executor.nthreads() if hasattr(executor, "nthreads") else {}  # a Dask client: threads per worker
+        if isinstance(executor, ThreadPoolExecutor) or any(n != 1 for n in threads.values()):
+            raise TypeError("run sweeps on worker processes with one thread each (Dask: threads_per_worker=1): "
+                            "threads would share one model and its hooks")
         futures = [executor.submit(fn, *cell) for cell in cells]
         try:
             results = []

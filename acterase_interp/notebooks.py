@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .io import atomic_write_json, atomic_write_text
-from .provenance import library_versions
+from .provenance import git_commit, library_versions
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
@@ -69,16 +68,6 @@ def execute(nb, *, small: bool, cwd: Path = NOTEBOOK_DIR, timeout_s: int = CELL_
     return nb
 
 
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "acterase_interp"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip() + ("+uncommitted changes" if dirty else "")
-
-
 def run(names: list[str] | None = None, *, small: bool = False, folder: Path = NOTEBOOK_DIR) -> dict:
     """Execute the named notebooks (default: all), write each back with its outputs and update the
     record; returns the record."""
@@ -105,7 +94,7 @@ def run(names: list[str] | None = None, *, small: bool = False, folder: Path = N
             "started": started.isoformat(timespec="seconds"),
             "seconds": seconds,
             "mode": "small" if small else "full",
-            "commit": _commit(),
+            "commit": git_commit(ROOT),
             "machine": {"platform": platform.platform(), "processor": platform.machine(), "cpus": os.cpu_count(),
                         "python": platform.python_version()},  # fmt: skip
             "versions": library_versions(),

@@ -20,7 +20,6 @@ import gc
 import math
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,7 +33,7 @@ import torch
 from acterase_interp.erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs
 from acterase_interp.io import atomic_write_json, atomic_write_text
 from acterase_interp.loading import load
-from acterase_interp.provenance import library_versions
+from acterase_interp.provenance import git_commit, library_versions
 from acterase_interp.random_sd import build_random_sd
 from acterase_interp.world.pairs import conceptworld_pairs
 
@@ -263,11 +262,7 @@ def rethreshold(stats: FitStatistics, reps: int, warmup: int) -> dict:
 
 
 def provenance(args: argparse.Namespace) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                                cwd=Path(__file__).parent).stdout.strip()  # fmt: skip
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    commit = git_commit()
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads()}  # fmt: skip
     if args.device == "cuda":

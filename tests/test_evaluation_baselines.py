@@ -117,3 +117,12 @@ def test_bad_settings_are_refused(setup):
         ESDx(steps=0)
     with pytest.raises(ValueError, match="shows_concept"):
         ActErase(EraseOptions(num_inference_steps=STEPS)).fit(model, pairs)
+
+
+def test_acterase_chooses_tau_on_the_fit_targets(setup):
+    """tau="auto" (the table's default) runs `choose_tau` on the fit's statistics."""
+    model, pairs, _, _ = setup
+    method = ActErase(EraseOptions(num_inference_steps=STEPS), tau="auto",
+                      shows_concept=lambda images, concept: torch.ones(len(images), dtype=torch.bool)).fit(model, pairs)
+    assert method.chosen_tau_ is None  # a reader that always sees the concept: no tau passes, the largest is kept
+    assert method.eraser_.mask_density()

@@ -50,6 +50,7 @@ from ..erase.options import EraseOptions
 from ..erase.pairs import PromptPairs
 from ..erase.select import choose_tau
 from ..generation import generate, seed_list
+from ..patching import unet_of
 from .core import image_seeds
 
 Sampler = Callable[..., torch.Tensor]
@@ -127,11 +128,12 @@ class ActErase(Method):
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
         options = self.options if self.tau == "auto" else EraseOptions.from_dict({**self.options.to_dict(), "tau": self.tau})
-        eraser = EraserFitter(model, options, progress=False).fit(pairs)
+        if self.tau == "auto" and self.shows_concept is None:  # before the fit is paid for
+            raise ValueError("tau='auto' needs shows_concept (e.g. ConceptClassifier.shows) to judge the fit targets")
+        fitter = EraserFitter(model, options, progress=False)
+        eraser = fitter.fit(pairs)
         if self.tau == "auto":
-            if self.shows_concept is None:
-                raise ValueError("tau='auto' needs shows_concept (e.g. ConceptClassifier.shows) to judge the fit targets")
-            choice = choose_tau(model, eraser, pairs, lambda x: self.shows_concept(x, pairs.concept), seed=options.seed,
+            choice = choose_tau(model, fitter.statistics, pairs, lambda x: self.shows_concept(x, pairs.concept), seed=options.seed,
                                 num_inference_steps=options.num_inference_steps)  # fmt: skip
             eraser, self.chosen_tau_ = choice.eraser, choice.tau
         self.eraser_: Eraser = eraser
@@ -246,7 +248,7 @@ class WeightEdit(Method):
 
     @contextmanager
     def _erased(self, model: Any) -> Iterator[None]:
-        params = dict(_pipe(model).unet.named_parameters())
+        params = dict(unet_of(model).named_parameters())
         if missing := sorted(set(self.edits_) - set(params)):
             raise ValueError(f"{self.name}: this UNet has no parameters {missing[:3]}: fitted on another model?")
         originals = {n: params[n].detach().clone() for n in self.edits_}
@@ -285,16 +287,17 @@ class UCE(WeightEdit):
 
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
-        width = _text_states(model, pairs.targets[:1]).shape[-1]
-        c = _text_states(model, pairs.targets).reshape(-1, width).double()
+        states = _text_states(model, pairs.targets)
+        width = states.shape[-1]
+        c = states.reshape(-1, width).double()
         c_star = _text_states(model, pairs.sources).reshape(-1, width).double()
-        keep = _text_states(model, pairs.non_target or pairs.sources).reshape(-1, width).double()
+        keep = _text_states(model, pairs.non_target).reshape(-1, width).double() if pairs.non_target else c_star
         # UCE's default: the preserved prompts together weigh about as much as one erased one
         preserve = self.preserve_scale if self.preserve_scale is not None else max(0.1, 1 / max(1, len(pairs.non_target)))
         eye = torch.eye(width, dtype=torch.float64, device=c.device)
         right = self.lam * eye + self.erase_scale * c.T @ c + preserve * keep.T @ keep
         self.edits_ = {}
-        for name, layer in _cross_attention_kv(_pipe(model).unet).items():
+        for name, layer in _cross_attention_kv(unet_of(model)).items():
             w0 = layer.weight.detach().double()
             left = self.lam * w0 + self.erase_scale * (c_star @ w0.T).T @ c + preserve * (keep @ w0.T).T @ keep
             # right is symmetric: W right = left  <=>  right W^T = left^T
@@ -318,7 +321,7 @@ class ConceptPrune(WeightEdit):
 
     def _input_norms(self, model: Any, prompts: Sequence[str], layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
         """Per layer, the L2 norm of each input unit over tokens and images, per step (steps, units)."""
-        unet = _pipe(model).unet
+        unet = unet_of(model)
         squares: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
         state = {"step": -1}
 
@@ -347,7 +350,7 @@ class ConceptPrune(WeightEdit):
 
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
-        unet = _pipe(model).unet
+        unet = unet_of(model)
         layers = {n: m for n, m in unet.named_modules() if n.endswith("ff.net.2")}
         norms = {"targets": self._input_norms(model, pairs.targets, layers),
                  "sources": self._input_norms(model, pairs.sources, layers)}  # fmt: skip

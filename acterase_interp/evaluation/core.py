@@ -22,7 +22,7 @@ never 0, NaN or an error, and a bar on an undefined value fails.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 from ..metrics import preservation  # the one policy: None when before is 0
@@ -80,12 +80,11 @@ class Bar:
         return cls(name, None if value is None else float(value), float(threshold), direction, passed)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "value": self.value, "threshold": self.threshold, "direction": self.direction,
-                "passed": self.passed}  # fmt: skip
+        return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> Bar:
-        return cls(data["name"], data["value"], data["threshold"], data["direction"], data["passed"])
+        return cls(**data)
 
     def __str__(self) -> str:
         value = "n/a" if self.value is None else f"{100 * self.value:.1f}%"
@@ -99,8 +98,7 @@ def format_bars(bars: Sequence[Bar | dict], bullet: str = "") -> str:
 
 @dataclass(frozen=True)
 class PromptSet:
-    """A named group of evaluation prompts, one per image, with the scene each asks for and,
-    optionally, the concept whose rate it measures."""
+    """A named group of evaluation prompts, one per image, with the scene each asks for."""
 
     name: str
     prompts: tuple[str, ...]

@@ -38,7 +38,7 @@ from ..world.captions import WORDS
 from ..world.pairs import concepts as known_concepts
 from ..world.pairs import conceptworld_pairs
 from .attacks import concept_inversion, prompt_search
-from .baselines import METHODS, SLD, UCE, ActErase, ConceptPrune, ESDx, Method, NegativePrompt, Unerased
+from .baselines import METHODS, ActErase, ConceptPrune, ESDx, Method, Unerased
 from .core import SEED_OFFSETS, image_seeds, preservation
 from .prompts import conceptworld_prompt_sets
 
@@ -95,7 +95,7 @@ def _method(name: str, spec: TableSpec, classifier: Any, steps: int, seed: int) 
         return ESDx(steps=spec.esd_steps, num_inference_steps=steps, seed=seed)
     if name == "concept_prune":
         return ConceptPrune(top_fraction=spec.prune_top_fraction, num_inference_steps=steps, seed=seed)
-    return {"unerased": Unerased, "negative_prompt": NegativePrompt, "sld": SLD, "uce": UCE}[name]()
+    return METHODS[name]()  # the rest take no options
 
 
 def _hash(prompts: Sequence[str]) -> str:
@@ -111,7 +111,7 @@ def _run_seed(model: Any, classifier: Any, concept: str, seed: int, spec: TableS
     seeds = image_seeds("evaluation", spec.n_images, base=seed)
     record = {"concept": concept, "seed": seed, "eval_seeds": seeds, "prompts": {s.name: list(s.prompts) for s in sets},
               "prompt_hashes": {s.name: _hash(s.prompts) for s in sets}, "pairs_hash": _hash(pairs.targets + pairs.sources)}  # fmt: skip
-    with Unerased().fit(model, pairs).applied(model) as sample:
+    with Unerased().applied(model) as sample:
         reference = sample(by["non_target"].prompts, seeds, steps)
     before = factor_accuracy_from_predictions(classifier.predict(reference), by["non_target"].scenes)["all"]
     rows = []
@@ -123,7 +123,8 @@ def _run_seed(model: Any, classifier: Any, concept: str, seed: int, spec: TableS
             for set_name in ("target", "paraphrase", "zero_shot"):
                 images = sample(by[set_name].prompts, seeds, steps)
                 row[f"{set_name}_rate"] = concept_rate_from_predictions(classifier.predict(images), concept).to_dict()
-            images = sample(by["non_target"].prompts, seeds, steps)
+            # the unerased model's non-target images are the reference itself: no second generation
+            images = reference if name == "unerased" else sample(by["non_target"].prompts, seeds, steps)
         after = factor_accuracy_from_predictions(classifier.predict(images), by["non_target"].scenes)["all"]
         row["non_target_accuracy"] = after.to_dict()
         row["preservation"] = preservation(before, after)
