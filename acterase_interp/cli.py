@@ -122,6 +122,8 @@ def _parser() -> argparse.ArgumentParser:
         ev.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TableSpec, name),
                         help=f"default: {getattr(TableSpec, name)}")
     ev.add_argument("--prune-top-fraction", type=float, default=TableSpec.prune_top_fraction)
+    ev.add_argument("--workers", type=int, default=0,
+                    help="run (concept, seed) cells on this many one-thread worker processes (default: 0, here)")
 
     plant = sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only")
     plant.add_argument("--model", required=True, help="a ConceptWorld pipeline folder (or conceptworld)")
@@ -211,6 +213,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.table import command_line, markdown, run_table
+    from .executor import Spec, one_thread_processes
     from .io import atomic_write_json, atomic_write_text
     from .loading import CONCEPTWORLD, conceptworld_dir
     from .world.classifier import ConceptClassifier
@@ -219,10 +222,16 @@ def _evaluate(args: argparse.Namespace) -> None:
              "inversion_steps", "inversion_batch", "inversion_eval", "esd_steps", "prune_top_fraction")
     spec = TableSpec(concepts=tuple(args.concepts), methods=tuple(args.methods), seeds=tuple(args.seeds),
                      num_inference_steps=args.steps, tau=args.tau, **{n: getattr(args, n) for n in names})  # fmt: skip
-    model = load(args.model)
-    classifier = ConceptClassifier.load(conceptworld_dir(CONCEPTWORLD) / "classifier")
-    result = run_table(model, classifier, spec)
-    result["manifest"]["command"] = command_line(spec, args.model)
+    if args.workers < 0:
+        raise ValueError(f"--workers must be 0 or more, got {args.workers}")
+    model = Spec.of(load, args.model)
+    classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    if args.workers:
+        with one_thread_processes(args.workers) as pool:
+            result = run_table(model, classifier, spec, executor=pool)
+    else:
+        result = run_table(model, classifier, spec)
+    result["manifest"]["command"] = command_line(spec, args.model) + (f" --workers {args.workers}" if args.workers else "")
     out = Path(args.out)
     atomic_write_json(result, out / "results.json")
     table = markdown(result)

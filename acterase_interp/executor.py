@@ -18,8 +18,9 @@ threads patching it at once would see each other's hooks.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -77,6 +78,21 @@ def require_spec(obj: Any, what: str) -> None:
             f"to run on an executor, give the {what} as a Spec (e.g. Spec.of(load, 'conceptworld')), "
             f"not a loaded {type(obj).__name__}: each worker then loads it once"
         )
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def one_thread_processes(n: int) -> ProcessPoolExecutor:
+    """A pool of `n` worker processes, each with one torch thread (spawned: no forked model state).
+    On a small model, n one-thread processes outrun one n-thread process (intra-op threads have
+    little to split)."""
+    if n < 1:
+        raise ValueError(f"a pool needs at least one worker, got {n}")
+    return ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread)
 
 
 def run_cells(

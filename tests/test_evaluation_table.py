@@ -67,3 +67,35 @@ def test_spec_and_command_refuse_bad_input(capsys):
         TableSpec(methods=("esd_u",))
     assert main(["evaluate", "--concepts", "hexagon", "--out", "x"]) == 2
     assert "hexagon" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_table_on_worker_processes_equals_the_serial_run():
+    import torch
+
+    from acterase_interp.evaluation.table import run_table
+    from acterase_interp.executor import Spec, one_thread_processes
+    from acterase_interp.loading import CONCEPTWORLD, conceptworld_dir, load
+    from acterase_interp.world.classifier import ConceptClassifier
+
+    spec = TableSpec(concepts=("triangle",), methods=("unerased", "negative_prompt"), seeds=(0, 1), n_pairs=2,
+                     n_images=2, num_inference_steps=2, search_prompts=1, search_iterations=1, search_candidates=2,
+                     inversion_steps=1, inversion_batch=2, inversion_eval=2)  # fmt: skip
+    model = Spec.of(load, "conceptworld")
+    classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    with pytest.raises(TypeError, match="Spec"):
+        run_table(model.build(), classifier, spec, executor=object(), progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as on the workers: thread counts change float sums
+    try:
+        serial = run_table(model, classifier, spec, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    with one_thread_processes(2) as pool:
+        parallel = run_table(model, classifier, spec, executor=pool, progress=False)
+    timing = {"fit_s", "attacks"}
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
+    assert [(r["seed"], r["method"]) for r in parallel["rows"]] == [(0, "unerased"), (0, "negative_prompt"),
+                                                                    (1, "unerased"), (1, "negative_prompt")]  # fmt: skip
+    assert strip(parallel["rows"]) == strip(serial["rows"]) and parallel["records"] == serial["records"]
+    assert parallel["manifest"]["executor"] == "ProcessPoolExecutor" and serial["manifest"]["executor"] is None

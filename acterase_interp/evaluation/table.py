@@ -31,9 +31,10 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..erase.options import EraseOptions
+from ..executor import Executor, require_spec, resolve, run_cells
 from ..loading import architecture_hash
 from ..metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
-from ..provenance import library_versions
+from ..provenance import git_commit, library_versions
 from ..world.captions import WORDS
 from ..world.pairs import concepts as known_concepts
 from ..world.pairs import conceptworld_pairs
@@ -103,6 +104,7 @@ def _hash(prompts: Sequence[str]) -> str:
 
 
 def _run_seed(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int) -> tuple[list[dict], dict]:
+    model, classifier = resolve(model), resolve(classifier)  # built once per worker process
     pairs = conceptworld_pairs(concept, n=spec.n_pairs, seed=seed)
     pairs = replace(pairs, meta={**pairs.meta, "concept_text": WORDS[concept][0]})  # what a negative prompt says
     sets = conceptworld_prompt_sets(concept, spec.n_images, np.random.default_rng(seed + 1),
@@ -208,20 +210,29 @@ def command_line(spec: TableSpec, model: str = "conceptworld") -> str:
     return " ".join(parts)
 
 
-def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, progress: bool = True) -> dict:
+def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, executor: Executor | None = None,
+              progress: bool = True) -> dict:
     """Every method on every concept and seed of `spec` (see the module docstring). Returns a
     JSON-ready dict: "format", "rows" (one per concept, method and seed), "summary" (seed means),
-    "records" (per concept and seed: prompts, their hashes, evaluation seeds) and "manifest"."""
+    "records" (per concept and seed: prompts, their hashes, evaluation seeds) and "manifest".
+
+    With `executor` (worker processes with one thread each, see `executor.run_cells`) every
+    (concept, seed) runs on a worker; `model` and `classifier` must then be `Spec`s. `fit_s` is
+    the wall time on whichever worker ran the cell."""
     from ..demo import weights_hash
 
+    if executor is not None:
+        require_spec(model, "model")
+        require_spec(classifier, "classifier")
     start = time.perf_counter()
-    steps = spec.num_inference_steps or model.defaults.num_inference_steps
+    local_model = resolve(model)
+    steps = spec.num_inference_steps or local_model.defaults.num_inference_steps
+    cells = [(model, classifier, c, s, spec, steps) for c in spec.concepts for s in spec.seeds]
     rows, records = [], []
-    jobs = [(c, s) for c in spec.concepts for s in spec.seeds]
-    for concept, seed in tqdm(jobs, desc="evaluate", disable=not progress):
-        r, rec = _run_seed(model, classifier, concept, seed, spec, steps)
+    for r, rec in run_cells(_run_seed, cells, executor, desc="evaluate", progress=progress):
         rows += r
         records.append(rec)
+    model, classifier = local_model, resolve(classifier)
     pipe = model.pipeline
     manifest = {
         "spec": spec.to_dict(),
@@ -233,6 +244,8 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, pro
                   "weights_hash": weights_hash(pipe.unet, pipe.text_encoder, pipe.vae),
                   "classifier_hash": weights_hash(classifier)},  # fmt: skip
         "versions": library_versions(),
+        "git_commit": git_commit(),
+        "executor": None if executor is None else type(executor).__name__,
         "seconds": time.perf_counter() - start,
     }
     return {"format": FORMAT, "rows": rows, "summary": summarize(rows), "records": records, "manifest": manifest}
