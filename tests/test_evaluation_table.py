@@ -99,3 +99,51 @@ def test_the_table_on_worker_processes_equals_the_serial_run():
                                                                     (1, "unerased"), (1, "negative_prompt")]  # fmt: skip
     assert strip(parallel["rows"]) == strip(serial["rows"]) and parallel["records"] == serial["records"]
     assert parallel["manifest"]["executor"] == "ProcessPoolExecutor" and serial["manifest"]["executor"] is None
+
+
+def _summary_row(concept, method, rate, kept, sem=0.01):
+    row = {"concept": concept, "method": method, "n_seeds": 3}
+    for c in COLUMNS:
+        row[c], row[f"{c}_sem"] = (kept if c == "preservation" else rate), sem
+    return row
+
+
+def test_comparisons_say_where_acterase_loses():
+    from acterase_interp.evaluation.table import comparisons
+
+    summary = [_summary_row("red", "unerased", 0.0, 1.0), _summary_row("red", "acterase", 0.5, 0.9),
+               _summary_row("red", "uce", 0.1, 0.95), _summary_row("red", "sld", 0.49, 0.2)]  # fmt: skip
+    by = {r["column"]: r for r in comparisons(summary)}
+    # the unerased model is never "the best other" (its rate 0.0 would win every rate column)
+    assert by["target_rate"]["best_other"] == "uce" and by["target_rate"]["beaten"]
+    assert by["target_rate"]["margin"] == pytest.approx(0.4)
+    assert by["preservation"]["best_other"] == "uce" and by["preservation"]["margin"] == pytest.approx(0.05)
+    near = comparisons([_summary_row("red", "acterase", 0.5, 0.9), _summary_row("red", "sld", 0.49, 0.9)])
+    assert not any(r["beaten"] for r in near)  # 0.01 apart with sems of 0.01 each: not beaten
+    with pytest.raises(ValueError, match="not in the table"):
+        comparisons([_summary_row("red", "uce", 0.1, 0.9)])
+
+
+def test_table_figures_have_a_panel_per_column_and_a_series_per_concept(tmp_path):
+    from acterase_interp.evaluation.figures import RATE_COLUMNS, table_bars, tradeoff
+    from acterase_interp.evaluation.table import FORMAT, load_result
+
+    summary = [_summary_row(c, m, 0.2, 0.8) for c in ("triangle", "red") for m in ("unerased", "acterase", "uce")]
+    summary[1]["preservation"] = None  # undefined values are left out
+    result = {"format": FORMAT, "summary": summary}
+    fig = table_bars(result)
+    assert len(fig.data) == len(RATE_COLUMNS) * 2 and [a.text for a in fig.layout.annotations][0] == "erasure: target rate"
+    kept = [t for t in fig.data if t.xaxis == f"x{len(RATE_COLUMNS)}"]
+    assert [list(t.x) for t in kept] == [["unerased", "uce"], ["unerased", "acterase", "uce"]]
+    points = tradeoff(result)
+    assert [t.name for t in points.data] == ["triangle", "red"] and list(points.data[0].text) == ["unerased", "uce"]
+    with pytest.raises(ValueError, match="unknown column"):
+        table_bars(result, ["nope"])
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(result))
+    assert load_result(path)["summary"] == summary
+    path.write_text(json.dumps({"format": "other"}))
+    with pytest.raises(ValueError, match="not an evaluation table"):
+        load_result(path)
+    with pytest.raises(FileNotFoundError, match="acterase evaluate"):
+        load_result(tmp_path / "missing.json")

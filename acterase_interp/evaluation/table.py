@@ -22,9 +22,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -46,6 +48,11 @@ from .prompts import conceptworld_prompt_sets
 FORMAT = "acterase-evaluation/1"
 COLUMNS: tuple[str, ...] = ("target_rate", "paraphrase_rate", "zero_shot_rate", "search_asr", "inversion_asr",
                             "preservation", "image_distance", "fit_s")  # fmt: skip
+TITLES: dict[str, str] = {"target_rate": "erasure: target rate", "paraphrase_rate": "paraphrase rate",
+                          "zero_shot_rate": "zero-shot rate", "search_asr": "prompt-search ASR",
+                          "inversion_asr": "inversion ASR", "preservation": "non-target kept",
+                          "image_distance": "non-target distance", "fit_s": "time to erase (s)"}  # fmt: skip
+HIGHER_IS_BETTER = frozenset({"preservation"})
 
 
 @dataclass(frozen=True)
@@ -173,12 +180,43 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def load_result(path: str | os.PathLike) -> dict:
+    """A table written by `acterase evaluate` (its `results.json`), checked for its format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no evaluation table at {path}: run `acterase evaluate --out {path.parent}`")
+    result = json.loads(path.read_text())
+    if result.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an evaluation table (format {result.get('format')!r}, expected {FORMAT!r})")
+    return result
+
+
+def comparisons(summary: Sequence[dict], method: str = "acterase", columns: Sequence[str] = COLUMNS) -> list[dict]:
+    """Per concept and column: `method`'s value beside the best other method's, and whether that
+    one beats it by more than both standard errors together (`beaten`; False where either has no
+    standard error or the values are undefined). Lower is better except for `HIGHER_IS_BETTER`."""
+    out = []
+    for concept in dict.fromkeys(r["concept"] for r in summary):
+        rows = {r["method"]: r for r in summary if r["concept"] == concept}
+        if method not in rows:
+            raise ValueError(f"{method!r} is not in the table for {concept!r}")
+        ours = rows[method]
+        for c in columns:
+            sign = -1.0 if c in HIGHER_IS_BETTER else 1.0
+            others = [r for m, r in rows.items() if m not in (method, "unerased") and r[c] is not None]
+            if ours[c] is None or not others:
+                continue
+            best = min(others, key=lambda r: sign * r[c])
+            margin = sign * (ours[c] - best[c])
+            sems = (ours[f"{c}_sem"], best[f"{c}_sem"])
+            out.append({"concept": concept, "column": c, method: ours[c], "best_other": best["method"],
+                        "best_other_value": best[c], "margin": margin,
+                        "beaten": None not in sems and margin > sems[0] + sems[1]})  # fmt: skip
+    return out
+
+
 def markdown(result: dict) -> str:
     """The summary as a markdown table (one row per concept and method), then the manifest's essentials."""
-    titles = {"target_rate": "erasure: target rate", "paraphrase_rate": "paraphrase rate", "zero_shot_rate": "zero-shot rate",
-              "search_asr": "prompt-search ASR", "inversion_asr": "inversion ASR", "preservation": "non-target kept",
-              "image_distance": "non-target distance", "fit_s": "time to erase (s)"}  # fmt: skip
-
     def cell(row: dict, c: str) -> str:
         v, sem = row[c], row[f"{c}_sem"]
         if v is None:
@@ -186,7 +224,7 @@ def markdown(result: dict) -> str:
         fmt = (lambda x: f"{x:.1f}") if c == "fit_s" else (lambda x: f"{x:.3f}")
         return fmt(v) + (f" ± {fmt(sem)}" if sem is not None else "")
 
-    lines = ["| concept | method | " + " | ".join(titles[c] for c in COLUMNS) + " |",
+    lines = ["| concept | method | " + " | ".join(TITLES[c] for c in COLUMNS) + " |",
              "|---" * (len(COLUMNS) + 2) + "|"]  # fmt: skip
     for row in result["summary"]:
         lines.append(f"| {row['concept']} | {row['method']} | " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
@@ -251,4 +289,4 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
     return {"format": FORMAT, "rows": rows, "summary": summarize(rows), "records": records, "manifest": manifest}
 
 
-__all__ = ["COLUMNS", "TableSpec", "command_line", "markdown", "run_table", "summarize"]
+__all__ = ["COLUMNS", "HIGHER_IS_BETTER", "TITLES", "TableSpec", "command_line", "comparisons", "load_result", "markdown", "run_table", "summarize"]
