@@ -156,6 +156,8 @@ def _placeholder_id(tokenizer: Any, word: str) -> int:
 def learned_token(model: Any, token_id: int, vector: torch.Tensor, encoder: str = "text_encoder") -> Iterator[None]:
     """While active, the input embedding of `token_id` in the pipeline's `encoder` is `vector` (a
     forward hook on the embedding layer; the weights are untouched and the hook is removed on exit)."""
+    if getattr(model.pipeline, encoder, None) is None:
+        raise ValueError(f"this {type(model.pipeline).__name__} has no {encoder}")
     embedding = getattr(model.pipeline, encoder).get_input_embeddings()
 
     def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
@@ -223,8 +225,10 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
             drawn = sample(prompts, image_seeds("evaluation", len(prompts), base=seed), num_inference_steps)
     rate = Rate.from_outcomes(_shows(classifier, drawn, concept))
     budget = {"steps": steps, "batch": batch, "lr": lr, "n_images": n_images, "placeholder": placeholder}
+    shift = {e: (v.detach() - getattr(pipe, e).get_input_embeddings().weight[tokens[e]].float()).norm().item()
+             for e, v in vectors.items()}  # fmt: skip
     return AttackResult("concept_inversion", concept, rate, budget, prompts, time.perf_counter() - start,
-                        {"losses": losses})  # fmt: skip
+                        {"losses": losses, "embedding_shift": shift})  # fmt: skip
 
 
 __all__ = ["AttackResult", "attack_vocabulary", "concept_inversion", "concept_probability", "learned_token",

@@ -248,7 +248,7 @@ def _decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
     if upcast:
         vae.to(torch.float32)  # float16 -> float32 -> float16 restores every weight exactly
     try:
-        images = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
     finally:
         if upcast:
             vae.to(torch.float16)
