@@ -29,6 +29,10 @@ see what `sample` samples.
   matches the frozen model's negatively guided one, eps(x_t, empty) - eta * (eps(x_t, c) -
   eps(x_t, empty)). For a CPU budget x_t is the frozen model's own sample of a target prompt,
   noised forward to a random timestep (ESD samples x_t with the model being trained).
+
+Every method runs on SD 1.x/2.x and SDXL: those that call the UNet themselves (SLD, ESD-x) take
+its conditioning from `evaluation.conditioning` (on SDXL: pooled embeddings and time ids too, and
+the pipeline's zero unconditional); UCE edits K/V against SDXL's concatenated two-encoder context.
 """
 
 from __future__ import annotations
