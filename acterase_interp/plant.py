@@ -109,11 +109,14 @@ def denoising_loss(
     noise_sched: DDPMScheduler,
     gen: torch.Generator,
     min_snr_gamma: float,
+    added_cond_kwargs: dict[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """The epsilon-prediction loss with min-SNR weighting at random timesteps."""
+    """The epsilon-prediction loss with min-SNR weighting at random timesteps (`added_cond_kwargs`:
+    an SDXL UNet's pooled embeddings and time ids)."""
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen)
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
-    pred = unet(noise_sched.add_noise(z0, noise, t), t.to(z0.device), encoder_hidden_states=cond).sample
+    x_t = noise_sched.add_noise(z0, noise, t)
+    pred = unet(x_t, t.to(z0.device), encoder_hidden_states=cond, added_cond_kwargs=added_cond_kwargs).sample
     snr = noise_sched.alphas_cumprod[t] / (1 - noise_sched.alphas_cumprod[t])
     weight = (torch.clamp(snr, max=min_snr_gamma) / snr).to(z0.device)
     return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()

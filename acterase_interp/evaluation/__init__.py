@@ -1,7 +1,8 @@
 """Evaluation: one core (bars, seeds, prompt sets, preservation) for the demo, the quality check,
 the analysis evaluator and the comparison table; baselines (`evaluation.baselines`), attacks
 (`evaluation.attacks`), real-SD metrics (`evaluation.sd_metrics`) and the table
-(`evaluation.table`) build on it."""
+(`evaluation.table`) build on it, and on the UNet conditioning of SD and SDXL pipelines
+(`evaluation.conditioning`)."""
 
 from .core import (
     ATTACK_OFFSET,

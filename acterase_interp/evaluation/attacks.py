@@ -10,7 +10,9 @@
 - `concept_inversion`: textual inversion against the erased model. One input token embedding of
   the frozen text encoder (the placeholder word's) is learned by the denoising loss on renders of
   the concept, through the erased UNet; then the erased model draws prompts with the placeholder.
-  Budget: `steps` gradient steps of `batch` images.
+  On SDXL, one embedding per text encoder (their widths differ and each has its own table; both
+  shape the context, the second also the pooled embedding), learned jointly by the same loss, as
+  SDXL textual inversion does. Budget: `steps` gradient steps of `batch` images.
 
 Every attack takes `method` and `model` and runs inside `method.applied(model)`, so it sees
 exactly the erased model; the model is left as it was.
@@ -20,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from ..world.captions import WORDS, ZERO_SHOT_WORDS, canonical, vocabulary
 from ..world.factors import Scene, factor_of, sample_scenes
 from ..world.render import render_batch
 from .baselines import Method
+from .conditioning import encode, is_xl
 from .core import PromptSet, image_seeds
 
 
@@ -150,10 +153,12 @@ def _placeholder_id(tokenizer: Any, word: str) -> int:
 
 
 @contextmanager
-def learned_token(model: Any, token_id: int, vector: torch.Tensor) -> Iterator[None]:
-    """While active, the text encoder's input embedding of `token_id` is `vector` (a forward hook
-    on the embedding layer; the weights are untouched and the hook is removed on exit)."""
-    embedding = model.pipeline.text_encoder.get_input_embeddings()
+def learned_token(model: Any, token_id: int, vector: torch.Tensor, encoder: str = "text_encoder") -> Iterator[None]:
+    """While active, the input embedding of `token_id` in the pipeline's `encoder` is `vector` (a
+    forward hook on the embedding layer; the weights are untouched and the hook is removed on exit)."""
+    if getattr(model.pipeline, encoder, None) is None:
+        raise ValueError(f"this {type(model.pipeline).__name__} has no {encoder}")
+    embedding = getattr(model.pipeline, encoder).get_input_embeddings()
 
     def hook(module: Any, args: tuple, output: torch.Tensor) -> torch.Tensor:
         where = (args[0] == token_id).unsqueeze(-1)
@@ -177,12 +182,13 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
                       num_inference_steps: int | None = None) -> AttackResult:  # fmt: skip
     """Textual inversion against the erased model (see the module docstring): `n_images` renders
     of the concept (other factors natural, at random) captioned with the concept's word replaced
-    by `placeholder`; the placeholder's input embedding is trained for `steps` steps; the ASR is
-    measured on `n_eval` fresh placeholder captions at evaluation seeds."""
+    by `placeholder`; the placeholder's input embedding (on SDXL: one per text encoder) is trained
+    for `steps` steps; the ASR is measured on `n_eval` fresh placeholder captions at evaluation seeds."""
     if steps < 0 or batch < 1 or n_images < 1 or n_eval < 1:
         raise ValueError("steps must be at least 0, batch, n_images and n_eval at least 1")
     pipe = model.pipeline
-    token = _placeholder_id(pipe.tokenizer, placeholder)
+    parts = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")][: 1 + is_xl(model)]
+    tokens = {encoder: _placeholder_id(getattr(pipe, tokenizer), placeholder) for encoder, tokenizer in parts}
     factor = factor_of(concept)
     rng = np.random.default_rng([seed, 7])
     scenes = [Scene(**{**s.__dict__, factor: concept}) for s in sample_scenes(n_images, rng)]
@@ -190,25 +196,28 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
     start = time.perf_counter()
     with torch.no_grad():
         z0 = pipe.vae.encode(images.to(pipe.vae.dtype)).latent_dist.mean * pipe.vae.config.scaling_factor
+    size = tuple(images.shape[-2:])  # SDXL's time ids: the renders' size
     captions = _inversion_captions(concept, scenes, placeholder)
-    ids = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)  # fmt: skip
-    embedding = pipe.text_encoder.get_input_embeddings()
-    vector = embedding.weight[token].detach().clone().float().requires_grad_(True)
-    opt = torch.optim.Adam([vector], lr=lr)
+    vectors = {e: getattr(pipe, e).get_input_embeddings().weight[t].detach().clone().float().requires_grad_(True)
+               for e, t in tokens.items()}  # fmt: skip
+    opt = torch.optim.Adam(vectors.values(), lr=lr)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     eval_scenes = [Scene(**{**s.__dict__, factor: concept}) for s in sample_scenes(n_eval, np.random.default_rng([seed, 8]))]
     prompts = _inversion_captions(concept, eval_scenes, placeholder)
-    with method.applied(model) as sample, learned_token(model, token, vector):
+    with ExitStack() as stack:
+        sample = stack.enter_context(method.applied(model))
+        for e, vector in vectors.items():
+            stack.enter_context(learned_token(model, tokens[e], vector, e))
         for step in range(steps):
             idx = torch.randint(len(z0), (min(batch, len(z0)),), generator=gen)
-            cond = pipe.text_encoder(ids[idx])[0]
-            loss = denoising_loss(pipe.unet, z0[idx], cond, noise_sched, gen, min_snr_gamma)
-            (grad,) = torch.autograd.grad(loss, [vector])  # only the token learns; no weight gets a .grad
+            cond = encode(model, [captions[i] for i in idx.tolist()], size)  # through the learned tokens
+            loss = denoising_loss(pipe.unet, z0[idx], cond.states, noise_sched, gen, min_snr_gamma, cond.added)
+            grads = torch.autograd.grad(loss, list(vectors.values()))  # only the tokens learn; no weight gets a .grad
             opt.zero_grad(set_to_none=True)
-            vector.grad = grad
+            for vector, grad in zip(vectors.values(), grads):
+                vector.grad = grad
             opt.step()
             if step % 10 == 0 or step + 1 == steps:
                 losses.append({"step": step, "loss": loss.item()})
@@ -216,8 +225,10 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
             drawn = sample(prompts, image_seeds("evaluation", len(prompts), base=seed), num_inference_steps)
     rate = Rate.from_outcomes(_shows(classifier, drawn, concept))
     budget = {"steps": steps, "batch": batch, "lr": lr, "n_images": n_images, "placeholder": placeholder}
+    shift = {e: (v.detach() - getattr(pipe, e).get_input_embeddings().weight[tokens[e]].float()).norm().item()
+             for e, v in vectors.items()}  # fmt: skip
     return AttackResult("concept_inversion", concept, rate, budget, prompts, time.perf_counter() - start,
-                        {"losses": losses})  # fmt: skip
+                        {"losses": losses, "embedding_shift": shift})  # fmt: skip
 
 
 __all__ = ["AttackResult", "attack_vocabulary", "concept_inversion", "concept_probability", "learned_token",

@@ -29,6 +29,10 @@ see what `sample` samples.
   matches the frozen model's negatively guided one, eps(x_t, empty) - eta * (eps(x_t, c) -
   eps(x_t, empty)). For a CPU budget x_t is the frozen model's own sample of a target prompt,
   noised forward to a random timestep (ESD samples x_t with the model being trained).
+
+Every method runs on SD 1.x/2.x and SDXL: those that call the UNet themselves (SLD, ESD-x) take
+its conditioning from `evaluation.conditioning` (on SDXL: pooled embeddings and time ids too, and
+the pipeline's zero unconditional); UCE edits K/V against SDXL's concatenated two-encoder context.
 """
 
 from __future__ import annotations
@@ -50,20 +54,29 @@ from ..erase.options import EraseOptions
 from ..erase.pairs import PromptPairs
 from ..erase.select import choose_tau
 from ..generation import generate, seed_list
-from ..patching import unet_of
+from ..patching import StepCounter, count_steps, unet_of
+from .conditioning import Conditioning, encode, encode_for_guidance, image_size, is_xl, pipeline_of
 from .core import image_seeds
 
 Sampler = Callable[..., torch.Tensor]
 """`sample(prompts, seeds, num_inference_steps=None, guidance_scale=None)` -> images (N, 3, H, W) in [0, 1]."""
 
 
-def _pipe(model: Any) -> Any:
-    return getattr(model, "pipeline", model)
-
-
 def _defaults(model: Any, steps: int | None, guidance: float | None) -> tuple[int, float]:
     d = model.defaults
     return steps or d.num_inference_steps, d.guidance_scale if guidance is None else guidance
+
+
+@torch.no_grad()
+def _pipeline_output(model: Any, prompts: list[str], seeds: list[int], steps: int | None, guidance: float | None,
+                     output_type: str = "pt", **options: Any) -> torch.Tensor:  # fmt: skip
+    """The pipeline's images (or latents) of `prompts`, called as `generate` calls it (one
+    generator per image, `model.defaults` for what is not given) with extra pipeline `options`."""
+    pipe, d = pipeline_of(model), model.defaults
+    steps, guidance = _defaults(model, steps, guidance)
+    return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=d.height, width=d.width,
+                output_type=output_type, generator=[torch.Generator(pipe.device).manual_seed(s) for s in seeds],
+                **options).images  # fmt: skip
 
 
 class Method:
@@ -154,18 +167,11 @@ class NegativePrompt(Method):
     name = "negative_prompt"
 
     def _sampler(self, model: Any) -> Sampler:
-        pipe = _pipe(model)
-
         def sample(prompts, seeds=0, num_inference_steps=None, guidance_scale=None):
-            steps, guidance = _defaults(model, num_inference_steps, guidance_scale)
             prompts = list(prompts)
-            seeds = seed_list(seeds, len(prompts))
-            d = model.defaults
-            with torch.no_grad():
-                out = pipe(prompts, negative_prompt=[self.concept_text_] * len(prompts), num_inference_steps=steps,
-                           guidance_scale=guidance, height=d.height, width=d.width, output_type="pt",
-                           generator=[torch.Generator(pipe.device).manual_seed(s) for s in seeds])  # fmt: skip
-            return out.images.float().cpu()
+            images = _pipeline_output(model, prompts, seed_list(seeds, len(prompts)), num_inference_steps, guidance_scale,
+                                      negative_prompt=[self.concept_text_] * len(prompts))  # fmt: skip
+            return images.float().cpu()
 
         return sample
 
@@ -206,26 +212,25 @@ class SLD(Method):
 @torch.no_grad()
 def sld_sample(model: Any, prompts: list[str], seeds: list[int], concept: str, steps: int, guidance: float,
                config: SLDConfig) -> torch.Tensor:  # fmt: skip
-    """Images of `prompts` under SLD away from `concept`; the same initial noise and scheduler as
-    `generate`, so with safety guidance off (warm-up past the last step) it returns its images."""
-    pipe = _pipe(model)
+    """Images of `prompts` under SLD away from `concept`; the same initial noise, scheduler and
+    conditioning (on SDXL pooled embeddings and time ids too) as `generate`, so with safety
+    guidance off (warm-up past the last step) it returns its images."""
+    pipe = pipeline_of(model)
     device, n = pipe.device, len(prompts)
-    cond, uncond = pipe.encode_prompt(prompts, device, 1, True)
-    safety = pipe.encode_prompt([concept] * n, device, 1, False)[0]
-    d = model.defaults
-    height = d.height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = d.width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    cond, uncond = encode_for_guidance(model, prompts)
+    safety = encode(model, [concept] * n)
+    height, width = image_size(model)
     generators = [torch.Generator(device).manual_seed(s) for s in seeds]
-    latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, height, width, cond.dtype, device, generators)
+    latents = pipe.prepare_latents(n, pipe.unet.config.in_channels, height, width, cond.states.dtype, device, generators)
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps, device=device)
     extra = pipe.prepare_extra_step_kwargs(generators, 0.0)
     warmup = math.ceil(config.warmup_fraction * steps)
     momentum = None
-    states = torch.cat([uncond, cond, safety])
+    context = Conditioning.cat([uncond, cond, safety]).unet_kwargs()
     for i, t in enumerate(scheduler.timesteps):
         x = scheduler.scale_model_input(torch.cat([latents] * 3), t)
-        e_u, e_c, e_s = pipe.unet(x, t, encoder_hidden_states=states).sample.chunk(3)
+        e_u, e_c, e_s = pipe.unet(x, t, **context).sample.chunk(3)
         direction = e_c - e_u
         scale = torch.clamp((e_c - e_s).abs() * config.guidance_scale, max=1.0)
         scale = torch.where(e_c - e_s >= config.threshold, torch.zeros_like(scale), scale)
@@ -236,7 +241,21 @@ def sld_sample(model: Any, prompts: list[str], seeds: list[int], concept: str, s
         if i >= warmup:
             direction = direction - safety_guidance
         latents = scheduler.step(e_u + guidance * direction, t, latents, **extra).prev_sample
-    images = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+    return _decode(model, latents)
+
+
+def _decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
+    """Images in [0, 1] of final latents, decoded as the pipeline decodes them: SDXL's pipeline
+    runs a float16 VAE marked `force_upcast` in float32 (it overflows in float16), SD's does not."""
+    vae = pipeline_of(model).vae
+    upcast = is_xl(model) and vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+    if upcast:
+        vae.to(torch.float32)  # float16 -> float32 -> float16 restores every weight exactly
+    try:
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    finally:
+        if upcast:
+            vae.to(torch.float16)
     return (images / 2 + 0.5).clamp(0, 1).float().cpu()
 
 
@@ -264,10 +283,10 @@ class WeightEdit(Method):
 
 
 def _text_states(model: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """The text encoder's states for `prompts` as the pipeline conditions on them (N, tokens, width)."""
-    pipe = _pipe(model)
+    """The cross-attention context for `prompts` as the pipeline conditions on them (N, tokens,
+    width; SDXL: both encoders' states, concatenated), in float32."""
     with torch.no_grad():
-        return pipe.encode_prompt(list(prompts), pipe.device, 1, False)[0].float()
+        return encode(model, prompts).states.float()
 
 
 def _cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
@@ -321,31 +340,26 @@ class ConceptPrune(WeightEdit):
 
     def _input_norms(self, model: Any, prompts: Sequence[str], layers: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
         """Per layer, the L2 norm of each input unit over tokens and images, per step (steps, units)."""
-        unet = unet_of(model)
         squares: dict[str, list[torch.Tensor]] = {n: [] for n in layers}
-        state = {"step": -1}
 
-        def count(*_: Any) -> None:
-            state["step"] += 1
-
-        def record(name: str) -> Callable:
+        def record(name: str, counter: StepCounter) -> Callable:
             def hook(module: Any, args: tuple) -> None:
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-                if len(squares[name]) <= state["step"]:
+                if len(squares[name]) <= counter.step:
                     squares[name].append(torch.zeros(x.shape[-1], dtype=torch.float64, device=x.device))
-                squares[name][state["step"]] += x.pow(2).sum(0).double()
+                squares[name][counter.step] += x.pow(2).sum(0).double()
 
             return hook
 
-        handles = [unet.register_forward_pre_hook(count)]
-        handles += [m.register_forward_pre_hook(record(n)) for n, m in layers.items()]
-        try:
-            seeds = image_seeds("fit", len(prompts), base=self.seed)
-            generate(model, list(prompts), seeds=seeds, num_inference_steps=self.num_inference_steps,
-                     batch_size=len(prompts), progress=False)  # one batch: one UNet call per step  # fmt: skip
-        finally:
-            for h in handles:
-                h.remove()
+        with count_steps(unet_of(model)) as counter:
+            handles = [m.register_forward_pre_hook(record(n, counter)) for n, m in layers.items()]
+            try:
+                seeds = image_seeds("fit", len(prompts), base=self.seed)
+                generate(model, list(prompts), seeds=seeds, num_inference_steps=self.num_inference_steps,
+                         batch_size=len(prompts), progress=False)  # one batch: one UNet call per step  # fmt: skip
+            finally:
+                for h in handles:
+                    h.remove()
         return {n: torch.stack(s).sqrt() for n, s in squares.items()}
 
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
@@ -383,24 +397,16 @@ class ESDx(WeightEdit):
         self.steps, self.lr, self.negative_guidance, self.batch = steps, lr, negative_guidance, batch
         self.images_per_prompt, self.num_inference_steps, self.seed = images_per_prompt, num_inference_steps, seed
 
-    def _latents(self, model: Any, prompts: list[str]) -> torch.Tensor:
-        pipe = _pipe(model)
-        steps, guidance = _defaults(model, self.num_inference_steps, None)
-        d = model.defaults
-        seeds = image_seeds("fit", len(prompts), base=self.seed)
-        with torch.no_grad():
-            out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, height=d.height, width=d.width,
-                       output_type="latent", generator=[torch.Generator(pipe.device).manual_seed(s) for s in seeds])  # fmt: skip
-        return out.images
-
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
-        pipe = _pipe(model)
+        pipe = pipeline_of(model)
         frozen = pipe.unet
         prompts = [p for p in pairs.targets for _ in range(self.images_per_prompt)]
-        z0 = self._latents(model, prompts)
-        cond = _text_states(model, prompts).to(z0.dtype)
-        empty = _text_states(model, [""]).to(z0.dtype)
+        seeds = image_seeds("fit", len(prompts), base=self.seed)
+        z0 = _pipeline_output(model, prompts, seeds, self.num_inference_steps, None, output_type="latent")
+        with torch.no_grad():
+            cond = encode(model, prompts).to(z0.dtype)
+            empty = encode_for_guidance(model, [""])[1].to(z0.dtype)  # the pipeline's unconditional (SDXL: zeros)
         student = copy.deepcopy(frozen).train()
         student.requires_grad_(False)
         trained = {n: p for n, p in student.named_parameters() if ".attn2." in n}
@@ -416,11 +422,12 @@ class ESDx(WeightEdit):
             noise = torch.randn(z0[idx].shape, generator=gen).to(z0.device)
             x_t = noise_sched.add_noise(z0[idx], noise, t)
             t = t.to(z0.device)
+            c = cond[idx].unet_kwargs()
             with torch.no_grad():
-                e_c = frozen(x_t, t, encoder_hidden_states=cond[idx]).sample
-                e_0 = frozen(x_t, t, encoder_hidden_states=empty.expand(len(idx), -1, -1)).sample
+                e_c = frozen(x_t, t, **c).sample
+                e_0 = frozen(x_t, t, **empty.expand(len(idx)).unet_kwargs()).sample
                 goal = e_0 - self.negative_guidance * (e_c - e_0)
-            loss = torch.nn.functional.mse_loss(student(x_t, t, encoder_hidden_states=cond[idx]).sample, goal)
+            loss = torch.nn.functional.mse_loss(student(x_t, t, **c).sample, goal)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
