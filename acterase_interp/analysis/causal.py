@@ -36,7 +36,7 @@ TEXT = "text"
 """The text-injection family: a prompt's text embedding swapped in a window of blocks' cross-attention."""
 
 FIELDS: tuple[str, ...] = tuple(
-    f"{key}{suffix}" for key in ("concept_rate", "concept_drop", "damage", "image_distance")
+    f"{key}{suffix}" for key in ("concept_rate", "baseline_concept_rate", "concept_drop", "damage", "preservation", "image_distance")
     for suffix in ("", "_sem", "_low", "_high")
 )  # fmt: skip
 """The measured fields of every sweep record (None where a cell does not measure one)."""
@@ -151,9 +151,10 @@ def causal_sweep(
     erasers. `evaluation` goes to every `Evaluator` (num_inference_steps, images_per_prompt, ...).
 
     Fields: `family`, `layers`, `layer_label`, `start`, `stop`, `direction`, `FIELDS` (seed means
-    with `_sem` and t intervals `_low`/`_high`; `damage` only when erasing an activation family,
-    whose evaluator also runs the pairs' non-target prompts; `image_distance` is theirs), `seeds`,
-    `tau`, `concept`, `fit_seeds`, `options` (of the fit), `eval_options`. With `executor`, `model`
+    with `_sem` and t intervals `_low`/`_high`; `baseline_concept_rate` is the unpatched run's;
+    `damage`, `preservation` and `image_distance` only when erasing an activation family, whose
+    evaluator also runs the pairs' non-target prompts), `seeds`, `tau`, `concept`, `fit_seeds`, `options` (of
+    the fit), `eval_options`. With `executor`, `model`
     and `classifier` are `Spec`s and every cell runs on a worker; the fits run here."""
     families = (families,) if isinstance(families, str) else tuple(families)
     directions = (directions,) if isinstance(directions, str) else tuple(directions)

@@ -198,7 +198,7 @@ DIRECTIONS: tuple[str, ...] = ("erase", "restore")
 """Causal tests: `erase` patches the concept out of target prompts (source values in the window),
 `restore` puts it back into source prompts (the concept's values only in the window)."""
 
-SEED_FIELDS: tuple[str, ...] = ("concept_rate", "concept_drop", "preservation", "image_distance")
+SEED_FIELDS: tuple[str, ...] = ("concept_rate", "baseline_concept_rate", "concept_drop", "preservation", "image_distance")
 
 
 def check_direction(direction: str) -> None:
