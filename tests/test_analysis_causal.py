@@ -4,6 +4,8 @@ zero), so that block alone carries the concept, and the sweep must find it in bo
 
 from __future__ import annotations
 
+import json
+
 import plotly.graph_objects as go
 import pytest
 import torch
@@ -178,3 +180,31 @@ def test_text_family_finds_the_carrier(one_block_model, classifier, pairs):
 def test_the_text_family_without_injection_is_a_clear_error(conceptworld, classifier, pairs):
     with pytest.raises(ImportError, match="TextInjection"):
         causal_sweep(conceptworld, classifier, pairs, "text", evaluation=EVALUATION, progress=False)
+
+
+def test_a_process_pool_gives_the_serial_records(classifier, pairs):
+    """Cells on two worker processes (model and classifier as specs) equal the serial run's, bit for bit."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from acterase_interp.executor import Spec
+
+    model = Spec.of(load, "conceptworld")
+    spec_classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
+    fitter = EraserFitter(model.build(), EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS), progress=False)
+    fitter.fit(pairs)
+    args = (model, spec_classifier, pairs, "attn2_out", [("up.1.0",), ("up.1.1",)], [(0, STEPS)])
+    kwargs = {"tau": 1.0, "seeds": (0,), "statistics": {"attn2_out": fitter.statistics}, "evaluation": EVALUATION,
+              "progress": False}  # fmt: skip
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as many threads as a worker: reductions in the same order
+    try:
+        serial = causal_sweep(*args, **kwargs)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("fork")) as pool:
+            remote = causal_sweep(*args, executor=pool, **kwargs)
+    finally:
+        torch.set_num_threads(before)
+    same = json.dumps(remote, sort_keys=True) == json.dumps(serial, sort_keys=True)  # NaN sems (one seed) alike
+    assert same and len(serial) == 4 and serial[0]["image_distance"] > 0  # the patch did something
+    with pytest.raises(TypeError, match="Spec"):
+        causal_sweep(load("conceptworld"), classifier, pairs, "attn2_out", executor=object(), **kwargs)
