@@ -153,6 +153,13 @@ def test_bad_sweeps_are_clear_errors(conceptworld, classifier, pairs):
         sweep(step_windows=[(0, 2), (2, 9)])
     with pytest.raises(ValueError, match=r"step window \(3, 3\)"):
         sweep(step_windows=[(3, 3)])
+    options = EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS, blocks=("up.1",))
+    fitter = EraserFitter(conceptworld, options, progress=False)
+    fitter.fit(pairs)
+    with pytest.raises(ValueError, match=r"blocks \['mid.0'\] are not all among the fitted blocks"):
+        sweep(layer_windows=[("mid.0",)], statistics={"attn2_out": fitter.statistics})
+    with pytest.raises(ValueError, match="fitted at 'attn2_out' for 'red', not at 'ffn_hidden'"):
+        sweep(families="ffn_hidden", statistics={"ffn_hidden": fitter.statistics})
 
 
 def test_restoring_erasers_keep_the_masks_and_put_back_the_target(statistics):

@@ -153,9 +153,9 @@ def causal_sweep(
     Fields: `family`, `layers`, `layer_label`, `start`, `stop`, `direction`, `FIELDS` (seed means
     with `_sem` and t intervals `_low`/`_high`; `baseline_concept_rate` is the unpatched run's;
     `damage`, `preservation` and `image_distance` only when erasing an activation family, whose
-    evaluator also runs the pairs' non-target prompts), `seeds`, `tau`, `concept`, `fit_seeds`, `options` (of
-    the fit), `eval_options`. With `executor`, `model`
-    and `classifier` are `Spec`s and every cell runs on a worker; the fits run here."""
+    evaluator also runs the pairs' non-target prompts), `seeds`, `tau`, `concept`, `fit_seeds`,
+    `options` (of the fit), `eval_options`. With `executor`, `model` and `classifier` are `Spec`s
+    and every cell runs on a worker; the fits run here."""
     families = (families,) if isinstance(families, str) else tuple(families)
     directions = (directions,) if isinstance(directions, str) else tuple(directions)
     if not families or not directions:
@@ -172,13 +172,13 @@ def causal_sweep(
         _check(loaded, family, windows if windows is not None else [(b,) for b in blocks], steps, n)
     if TEXT in families:
         _text_injection()
+    if executor is not None:
+        require_spec(model, "model")
+        require_spec(classifier, "classifier")
     options = options or EraseOptions(num_inference_steps=evaluation.get("num_inference_steps"))
     given = statistics or {}
     fits = {f: _given(given[f], f, pairs) if f in given else _fit(loaded, pairs, f, options, progress)
             for f in families if f != TEXT}  # fmt: skip
-    if executor is not None:
-        require_spec(model, "model")
-        require_spec(classifier, "classifier")
     evaluators = _Evaluators(model, classifier, pairs, evaluation)
     cells = []
     for family in families:
@@ -186,6 +186,8 @@ def causal_sweep(
             measure = _measure(family, direction, fits.get(family), evaluators, tau, seeds, overrides)
             meta = {"family": family, "direction": direction, "eval_options": dict(measure.evaluator.options)}
             own = windows if windows is not None else [(b,) for b in _family_blocks(fits.get(family), blocks)]
+            for w in own if family in fits else ():
+                fits[family].sites_in(w)  # blocks outside the fit: a clear error before any cell runs
             cells += [(measure, w, s, meta) for w in own for s in steps]
     rows = run_cells(_causal_cell, cells, executor, desc="causal sweep", progress=progress)
     return [_tidy(r) for r in rows]
