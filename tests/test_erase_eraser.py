@@ -71,10 +71,11 @@ def test_eraser_off_is_the_original_model_bit_for_bit(conceptworld, eraser):
     assert hook_count(conceptworld) == hooks and torch.equal(_images(conceptworld), before)
 
 
-@pytest.mark.parametrize("variant", ["fitted", "per_step", "absolute", "mixed"])
+@pytest.mark.parametrize("variant", ["fitted", "per_step", "absolute", "restore", "mixed"])
 def test_nnsight_patching_equals_torch_hooks(conceptworld, statistics, eraser, mixed, variant):
     chosen = {
         "fitted": eraser,
+        "restore": statistics.eraser(tau=0.2, values="target"),
         "per_step": statistics.eraser(time_mask="per_step", tau=0.2),
         "absolute": statistics.eraser(tau=0.3, tau_mode="absolute"),
         "mixed": mixed,

@@ -62,7 +62,9 @@ def test_statistics_shapes_and_provenance(fitter, pairs, conceptworld):
         tokens, units = s.shape
         assert st.importance_source[s.name].shape == (2, STEPS, units) == st.importance_target[s.name].shape
         assert st.token_importance_source[s.name].shape == (2, STEPS, tokens, units)
-        assert st.values[s.name].shape == (1, tokens, units)
+        assert st.values[s.name].shape == (1, tokens, units) == st.target_values[s.name].shape
+        # the same target activations, summed two ways: mean over tokens of x_t-bar = mean over pairs of m_t
+        torch.testing.assert_close(st.target_values[s.name][0].mean(0), st.mean_target[s.name].mean(0))
         assert st.mean_source[s.name].shape == (2, units) == st.mean_target[s.name].shape
         assert all(t.isfinite().all() for t in (st.importance_source[s.name], st.values[s.name]))
 
@@ -168,7 +170,8 @@ def test_difference_accessors(fitter):
 
 def test_statistics_memory_estimate_is_exact(fitter):
     stored = sum(t.numel() * t.element_size() for d in fitter._scores.values() for ts in d.values() for t in ts)
-    stored += sum(t.numel() * t.element_size() for t in fitter._value_sum.values())
+    stored += sum(t.numel() * t.element_size() for sums in (fitter._value_sum, fitter._target_value_sum)
+                  for t in sums.values())  # fmt: skip
     assert fitter.statistics_bytes(2) == stored
 
 
@@ -185,7 +188,7 @@ def test_statistics_save_and_load(fitter, tmp_path):
     back = FitStatistics.load(tmp_path / "stats")
     assert back.sites == st.sites and back.options == st.options and back.pairs == st.pairs
     assert back.timesteps == st.timesteps and back.versions == st.versions
-    for name in ("importance_source", "token_importance_target", "values", "mean_target"):
+    for name in ("importance_source", "token_importance_target", "values", "target_values", "mean_target"):
         assert all(torch.equal(getattr(back, name)[k], v) for k, v in getattr(st, name).items())
     assert torch.equal(back.eraser(tau=0.3).masks["mid.0.ffn_hidden"], st.eraser(tau=0.3).masks["mid.0.ffn_hidden"])
 

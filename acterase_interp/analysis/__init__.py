@@ -1,6 +1,7 @@
 """The analysis library behind the research notebooks: where concepts live (difference, spatial
-and causal maps), how many dimensions they occupy (mask density and overlap, difference spectra,
-probes, subspace patches), and ablations of the method's open choices (tau sweeps, Pareto fronts,
+and causal maps; one causal sweep over site families, layer and step windows, both directions),
+how many dimensions they occupy (mask density and overlap, difference spectra, probes, subspace
+patches), and ablations of the method's open choices (tau sweeps, Pareto fronts,
 multi-concept scaling).
 
 Functions return tidy records (lists of flat dicts: one row each, carrying seeds and options;
@@ -11,6 +12,7 @@ only image generation is ever repeated.
 
 from ..patching import count_steps, patched
 from .activations import collect_activations
+from .causal import causal_sweep, layer_windows, sweep_families, window_label
 from .dimensionality import (
     concept_iou,
     concept_masks,
@@ -68,6 +70,7 @@ __all__ = [
     "SubspacePatch",
     "best_tau",
     "causal_map",
+    "causal_sweep",
     "choice_ablation",
     "collect_activations",
     "concept_iou",
@@ -82,6 +85,7 @@ __all__ = [
     "fit_seeds",
     "group_mean",
     "iou_matrix",
+    "layer_windows",
     "layers_of",
     "map_correlation",
     "margin",
@@ -109,6 +113,7 @@ __all__ = [
     "step_windows",
     "subspace_efficacy",
     "summarize",
+    "sweep_families",
     "tau_grid",
     "tau_sweep",
     "to_dataframe",
@@ -117,5 +122,6 @@ __all__ = [
     "top_units",
     "unit_masks",
     "where",
+    "window_label",
     "window_mean",
 ]

@@ -127,18 +127,25 @@ class Evaluator:
         """An evaluator on a `PromptPairs`' targets, held-out paraphrases and non-target prompts."""
         return cls(model, classifier, pairs.concept, pairs.targets, pairs.non_target, heldout_prompts=pairs.heldout, **kwargs)
 
-    def images(self, prompts: Sequence[str], seed: int, patch: Patch | None = None, steps: Window | None = None) -> torch.Tensor:
-        """Images of `prompts` for evaluation seed `seed`, with `patch` on (during `steps`)."""
+    def images(
+        self, prompts: Sequence[str], seed: int, patch: Patch | None = None, steps: Window | None = None, inject: Any = None
+    ) -> torch.Tensor:
+        """Images of `prompts` for evaluation seed `seed`, with `patch` on (during `steps`) and
+        `inject` (a `generation.TextInjection`, one injected prompt per prompt) passed to `generate`."""
+        extra = {} if inject is None else {"inject": inject}  # generate takes `inject` only with text injection
         with patched(self.model, patch, steps):
             return generate(self.model, list(prompts), seeds=image_seeds("evaluation", len(prompts), replicate=seed),
                             num_inference_steps=self.options["num_inference_steps"],
-                            guidance_scale=self.options["guidance_scale"], batch_size=self.batch_size, progress=False)  # fmt: skip
+                            guidance_scale=self.options["guidance_scale"], batch_size=self.batch_size, progress=False,
+                            **extra)  # fmt: skip
 
-    def _run(self, seed: int, patch: Patch | None, steps: Window | None) -> dict[str, Any]:
+    def _run(self, seed: int, patch: Patch | None, steps: Window | None, inject: Any = None) -> dict[str, Any]:
+        if inject is not None and sum(bool(p) for p in self.sets.values()) != 1:
+            raise ValueError("a text injection pairs one injected prompt with each prompt: evaluate one prompt set")
         out: dict[str, Any] = {}
         for name, prompts in self.sets.items():
             if prompts:
-                images = self.images(prompts, seed, patch, steps)
+                images = self.images(prompts, seed, patch, steps, inject)
                 out[name] = (images, self.classifier.predict(images))
         return out
 
@@ -148,13 +155,15 @@ class Evaluator:
             self._baseline[seed] = self._run(seed, None, None)
         return self._baseline[seed]
 
-    def evaluate(self, patch: Patch | None, seed: int = 0, steps: Window | None = None, **meta: Any) -> Record:
-        """One row: concept rates (`concept_rate`, `heldout_concept_rate`, each with Wilson
+    def evaluate(
+        self, patch: Patch | None, seed: int = 0, steps: Window | None = None, *, inject: Any = None, **meta: Any
+    ) -> Record:
+        """One row (`inject`: see `images`; only for an evaluator of one prompt set): concept rates (`concept_rate`, `heldout_concept_rate`, each with Wilson
         `_low`/`_high`, and the unpatched `baseline_*`), `concept_drop` (baseline minus patched),
         non-target factor accuracies (`non_target_accuracy` = all factors right, and per factor),
         `preservation` (accuracy kept relative to the unpatched run; None when it was 0), `image_distance` (mean
         same-seed distance on non-target images), the seed, window, options and `meta`."""
-        base, run = self.baseline(seed), self._run(seed, patch, steps)
+        base, run = self.baseline(seed), self._run(seed, patch, steps, inject)
         row: Record = {"concept": self.concept, "seed": seed, "steps": list(steps) if steps else None, **meta}
         for name in ("target", "heldout"):
             if name in run:

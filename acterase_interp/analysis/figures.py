@@ -1,11 +1,12 @@
 """Plotly figures drawn straight from analysis records: heatmaps (difference, causal and IoU
-maps), curves and bars with error bars, the tau Pareto plot, and a spatial map over an image."""
+maps, a causal sweep's panels), curves and bars with error bars, the tau Pareto plot, and a spatial map over an image."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 import torch
 import torch.nn.functional as F
 
@@ -33,6 +34,35 @@ def heatmap(
     fig = go.Figure(go.Heatmap(z=grid, x=[str(v) for v in xs], y=[str(v) for v in ys], colorscale=colorscale,
                                colorbar={"title": value}))  # fmt: skip
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y, yaxis={"autorange": "reversed"})
+    return fig
+
+
+def sweep_heatmap(records: Iterable[Record], value: str = "concept_drop", *, title: str = "") -> go.Figure:
+    """A causal sweep (`causal_sweep`) as one heatmap panel per family (columns) and direction
+    (rows): layer windows down, step windows across, in first-seen order, on one color scale;
+    hovering a cell shows `value` ± its `_sem`. Cells without a value are left blank."""
+    rows = _rows(records)
+    families, directions = list(dict.fromkeys(column(rows, "family"))), list(dict.fromkeys(column(rows, "direction")))
+    fig = make_subplots(rows=len(directions), cols=len(families),
+                        subplot_titles=[f"{f}: {d}" for d in directions for f in families])  # fmt: skip
+    for i, direction in enumerate(directions, 1):
+        for j, family in enumerate(families, 1):
+            part = [r for r in rows if r["family"] == family and r["direction"] == direction]
+            ys = list(dict.fromkeys(column(part, "layer_label")))
+            xs = list(dict.fromkeys(f"{r['start']}-{r['stop']}" for r in part))
+            z: list[list[float | None]] = [[None] * len(xs) for _ in ys]
+            text = [[""] * len(xs) for _ in ys]
+            for r in part:
+                y, x = ys.index(r["layer_label"]), xs.index(f"{r['start']}-{r['stop']}")
+                z[y][x], sem = r[value], r.get(f"{value}_sem")
+                shown = "n/a" if r[value] is None else f"{r[value]:.3g}" + ("" if sem is None else f" ± {sem:.2g}")
+                text[y][x] = f"layers {r['layer_label']}, steps {r['start']}-{r['stop']}: {value} {shown}"
+            fig.add_trace(go.Heatmap(z=z, x=xs, y=ys, text=text, hoverinfo="text", coloraxis="coloraxis",
+                                     name=f"{family}: {direction}"), row=i, col=j)  # fmt: skip
+    fig.update_layout(title=title, coloraxis={"colorscale": "Viridis", "colorbar": {"title": value}})
+    fig.update_xaxes(title_text="steps")
+    fig.update_yaxes(autorange="reversed")
+    fig.update_yaxes(title_text="layers", col=1)
     return fig
 
 

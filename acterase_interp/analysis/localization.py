@@ -78,7 +78,7 @@ def causal_map(
 ) -> list[Record]:
     """Patch one layer during one window of steps at a time and record what `measure` reports.
 
-    `measure(layer, window)` runs the intervention and returns a number (recorded as `value`) or a
+    `measure(layer, window)` (a layer is a block name, or a tuple of them patched together) runs the intervention and returns a number (recorded as `value`) or a
     dict of named numbers (e.g. `{"concept_drop": ..., "damage": ...}`), so it can be a
     synthetic stand-in in tests or `eraser_measure(...)` on a real model. One row per (layer,
     window) with `layer`, `start`, `stop` and `meta` (seeds, options). With `executor`, every
@@ -194,6 +194,42 @@ def layers_of(statistics: FitStatistics) -> list[str]:
     return list(dict.fromkeys(s.block for s in statistics.sites))
 
 
+DIRECTIONS: tuple[str, ...] = ("erase", "restore")
+"""Causal tests: `erase` patches the concept out of target prompts (source values in the window),
+`restore` puts it back into source prompts (the concept's values only in the window)."""
+
+SEED_FIELDS: tuple[str, ...] = ("concept_rate", "baseline_concept_rate", "concept_drop", "preservation", "image_distance")
+
+
+def check_direction(direction: str) -> None:
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction {direction!r} is not one of {DIRECTIONS}")
+
+
+def seed_summary(rows: Sequence[Record], direction: str = "erase") -> Record:
+    """Evaluator rows of one cell (one per seed) as seed means with `_sem`, `_low` and `_high` of
+    `SEED_FIELDS` present in every row. `concept_drop` is signed so that positive means the window
+    carries the concept: unpatched minus patched rate when erasing, patched minus unpatched when
+    restoring. Erasing adds `damage` = 1 - preservation (restoring puts the concept in on
+    purpose: its non-target cost means nothing)."""
+    check_direction(direction)
+    sign = 1.0 if direction == "erase" else -1.0
+    out: Record = {}
+    for key in SEED_FIELDS:
+        if rows and all(key in r for r in rows):
+            signed = [{key: sign * r[key] if key == "concept_drop" else r[key]} for r in rows]
+            summary = group_mean(signed, (), key)[0]
+            out.update({k: summary[k] for k in (key, f"{key}_sem", f"{key}_low", f"{key}_high")})
+    if "preservation" in out and direction == "erase":
+        out.update(damage=1.0 - out["preservation"], damage_sem=out["preservation_sem"],
+                   damage_low=1.0 - out["preservation_high"], damage_high=1.0 - out["preservation_low"])  # fmt: skip
+    return out
+
+
+def _blocks(layer: str | Sequence[str]) -> tuple[str, ...]:
+    return (layer,) if isinstance(layer, str) else tuple(layer)
+
+
 @dataclass(frozen=True, eq=False)  # holds tensors: equality is identity
 class EraserMeasure:
     """The real `measure` for `causal_map` (see `eraser_measure`); a dataclass so it pickles."""
@@ -203,18 +239,14 @@ class EraserMeasure:
     tau: float
     seeds: tuple[int, ...]
     overrides: dict
+    direction: str = "erase"
 
-    def __call__(self, layer: str, window: Window) -> Record:
-        eraser = self.statistics.eraser(tau=self.tau, blocks=(layer,), **self.overrides)
+    def __call__(self, layer: str | Sequence[str], window: Window) -> Record:
+        values = "target" if self.direction == "restore" else "source"
+        eraser = self.statistics.eraser(tau=self.tau, blocks=_blocks(layer), values=values, **self.overrides)
         rows = [self.evaluator(eraser, s, steps=window) for s in self.seeds]
         out: Record = {"tau": self.tau, "seeds": list(self.seeds), **_meta(self.statistics), **self.overrides}
-        for key in ("concept_rate", "concept_drop", "preservation", "image_distance"):
-            if all(key in r for r in rows):
-                summary = group_mean(rows, (), key)[0]
-                out[key], out[f"{key}_sem"] = summary[key], summary[f"{key}_sem"]
-        if "preservation" in out:
-            out["damage"] = 1.0 - out["preservation"]
-        return out
+        return out | seed_summary(rows, self.direction)
 
 
 def eraser_measure(
@@ -222,10 +254,14 @@ def eraser_measure(
     evaluator: Evaluator,
     tau: float = 0.01,
     seeds: Sequence[int] = (0, 1, 2),
+    direction: str = "erase",
     **overrides: Any,
 ) -> EraserMeasure:
-    """The real `measure` for `causal_map`: the fit's eraser restricted to one block
-    (`FitStatistics.eraser(tau, blocks=(layer,))`, no model run) and switched on during one window
-    of steps, scored by `evaluator` on every seed. Returns the seed means of `concept_rate`,
-    `concept_drop` (with `_sem`), `preservation`, `damage` = 1 - preservation, and `image_distance`."""
-    return EraserMeasure(statistics, evaluator, tau, tuple(seeds), overrides)
+    """The real `measure` for `causal_map`: the fit's eraser restricted to one block or a window
+    of blocks (`FitStatistics.eraser(tau, blocks=...)`, no model run) and switched on during one
+    window of steps, scored by `evaluator` on every seed: `seed_summary` of its rows
+    (`concept_rate`, `concept_drop`, `preservation`, `damage`, `image_distance`, with `_sem`).
+    `direction="restore"` puts the target's values in instead (`values="target"`): give an
+    evaluator whose target prompts are the pairs' sources, so its concept rate rises."""
+    check_direction(direction)
+    return EraserMeasure(statistics, evaluator, tau, tuple(seeds), overrides, direction)

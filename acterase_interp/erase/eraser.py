@@ -33,6 +33,8 @@ MANIFEST = "eraser.json"
 MASKS = "masks.safetensors"
 VALUES = "values.safetensors"
 STATISTICS = "statistics"
+VALUE_ROLES = ("source", "target")
+"""Whose mean activations an eraser built from statistics puts in: the source's (erase) or the target's (restore)."""
 
 
 def _mask3(mask: torch.Tensor) -> torch.Tensor:
@@ -111,10 +113,17 @@ class Eraser:
         pair_combine: str | None = None,
         blocks: tuple[str, ...] | list[str] | None = None,
         granularity: str | None = None,
+        values: str = "source",
     ) -> Eraser:
         """The eraser of stored fit statistics (Eq. 5 masks, the fitted values), without running
         the model; arguments left None keep the fit's options (`blocks` must name fitted blocks).
-        `statistics.eraser(...)` is the same call."""
+        `values="target"` keeps the masks but puts back the target's mean activations: applied to
+        source prompts it restores the concept where the eraser would remove it (a causal test in
+        the other direction). `statistics.eraser(...)` is the same call."""
+        if values not in VALUE_ROLES:
+            raise ValueError(f"values={values!r} is not one of {VALUE_ROLES}")
+        if values == "target" and not statistics.target_values:
+            raise ValueError("these statistics hold no target values (saved by an older version): refit to restore")
         changes = dict(tau=tau, tau_mode=tau_mode, time_mask=time_mask, pair_combine=pair_combine, blocks=blocks)
         changes["granularity"] = granularity
         options = replace(statistics.options, **{k: v for k, v in changes.items() if v is not None})
@@ -125,8 +134,9 @@ class Eraser:
         source = statistics.token_importance_source if token else statistics.importance_source
         target = statistics.token_importance_target if token else statistics.importance_target
         masks = {s.name: importance_mask(source[s.name], target[s.name], options) for s in sites}
-        values = {s.name: statistics.values[s.name] for s in sites}
-        return cls(sites=sites, masks=masks, values=values, manifest=statistics.manifest(options))
+        stored = statistics.target_values if values == "target" else statistics.values
+        manifest = statistics.manifest(options) | ({"values": "target"} if values == "target" else {})
+        return cls(sites=sites, masks=masks, values={s.name: stored[s.name] for s in sites}, manifest=manifest)
 
     # -- properties -------------------------------------------------------------
 

@@ -5,7 +5,7 @@ the UNet sees the same latent with both prompts in one batched call: the prompts
 [source, target] with one initial noise for both rows, and after the sites are read the target
 rows of the UNet's output are overwritten with the source rows, so the scheduler moves both rows
 identically (checked at every step). Per site the fitter streams importance scores, the running
-sum of source activations and per-pair mean activations; nothing else is kept.
+sums of source and target activations and per-pair mean activations; nothing else is kept.
 """
 
 from __future__ import annotations
@@ -81,6 +81,7 @@ class EraserFitter:
             k: {s.name: [] for s in self.sites} for k in ("I_s", "I_t", "tI_s", "tI_t", "m_s", "m_t")
         }
         self._value_sum: dict[str, torch.Tensor] = {}
+        self._target_value_sum: dict[str, torch.Tensor] = {}
         self._bar: Any = None
 
     # -- public -------------------------------------------------------------
@@ -98,7 +99,7 @@ class EraserFitter:
                 raise ValueError(f"the {name} prompt must be a non-empty string, got {prompt!r}")
         seed = self.options.seed + len(self._pairs) if seed is None else int(seed)
         self._check_budget(len(self._pairs) + 1)
-        record: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("I_s", "I_t", "tI_s", "tI_t", "v", "m_s", "m_t")}
+        record: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("I_s", "I_t", "tI_s", "tI_t", "v", "v_t", "m_s", "m_t")}
         bar = self._bar if self._bar is not None else tqdm(total=self.num_steps, desc="erase fit", disable=not self.progress)
         try:
             self._run(target, source, seed, record, bar)
@@ -158,6 +159,7 @@ class EraserFitter:
             token_importance_source=stack["tI_s"],
             token_importance_target=stack["tI_t"],
             values={name: (v / count).float() for name, v in self._value_sum.items()},
+            target_values={name: (v / count).float() for name, v in self._target_value_sum.items()},
             mean_source=stack["m_s"],
             mean_target=stack["m_t"],
             architecture_hash=architecture_hash(self.model.pipeline),
@@ -237,7 +239,9 @@ class EraserFitter:
         if self.options.granularity == "token_unit":
             record["tI_s"][name][step] = token_source
             record["tI_t"][name][step] = token_target
-        record["v"][name][step if self.options.value_mode == "per_step" else 0] += source.mean(0).double()
+        value_step = step if self.options.value_mode == "per_step" else 0
+        record["v"][name][value_step] += source.mean(0).double()
+        record["v_t"][name][value_step] += target.mean(0).double()
         record["m_s"][name] += source.mean(dim=(0, 1)).double()
         record["m_t"][name] += target.mean(dim=(0, 1)).double()
 
@@ -251,6 +255,7 @@ class EraserFitter:
             record["tI_t"][name] = torch.zeros(steps, tokens, units, **new)
         value_steps = steps if self.options.value_mode == "per_step" else 1
         record["v"][name] = torch.zeros(value_steps, tokens, units, dtype=torch.float64, **new)
+        record["v_t"][name] = torch.zeros(value_steps, tokens, units, dtype=torch.float64, **new)
         record["m_s"][name] = torch.zeros(units, dtype=torch.float64, **new)
         record["m_t"][name] = torch.zeros(units, dtype=torch.float64, **new)
 
@@ -262,8 +267,9 @@ class EraserFitter:
         for key in ("m_s", "m_t"):
             for name, t in record[key].items():
                 self._scores[key][name].append((t / self.num_steps).float().cpu())
-        for name, v in record["v"].items():
-            self._value_sum[name] = self._value_sum[name] + v if name in self._value_sum else v
+        for key, sums in (("v", self._value_sum), ("v_t", self._target_value_sum)):
+            for name, v in record[key].items():
+                sums[name] = sums[name] + v if name in sums else v
 
     # -- memory ---------------------------------------------------------------
 
@@ -278,11 +284,12 @@ class EraserFitter:
     def statistics_bytes(self, n_pairs: int) -> int:
         """Estimated bytes of the statistics of `n_pairs` pairs (scores, plus value sums)."""
         steps, token = self.num_steps, self.options.granularity == "token_unit"
-        # per pair: source + target float32 scores per (step, unit) [and (step, token, unit)], two mean vectors
+        # per pair: source + target float32 scores per (step, unit) [and (step, token, unit)], two mean vectors;
+        # then source and target value sums
         units, tokens = self._units, self._tokens
         per_pair = sum(8 * units[n] * (steps * (1 + (tokens[n] if token else 0)) + 1) for n in units)
         value_steps = steps if self.options.value_mode == "per_step" else 1
-        values = sum(8 * value_steps * self._tokens[n] * self._units[n] for n in self._units)
+        values = sum(2 * 8 * value_steps * self._tokens[n] * self._units[n] for n in self._units)
         return n_pairs * per_pair + values
 
     def _check_budget(self, n_pairs: int) -> None:

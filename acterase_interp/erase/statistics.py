@@ -1,13 +1,13 @@
 """What a fit collects, kept so that a new threshold, time or pair rule gives a new eraser without
 running the model again: per site, the importance of every unit at every (pair, step) for the
-source and the target prompt, the mean source activations, and per-pair mean activations.
+source and the target prompt, the mean source and target activations, and per-pair mean activations.
 Statistics build erasers (`eraser`, i.e. `Eraser.from_statistics`); erasers never point back."""
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ _TENSOR_FIELDS = (
     "token_importance_source",
     "token_importance_target",
     "values",
+    "target_values",
     "mean_source",
     "mean_target",
 )
@@ -82,6 +83,10 @@ class FitStatistics:
     """Class name of the scheduler."""
     versions: dict[str, str]
     """Library versions of the fit."""
+    target_values: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The target's mean activations, shaped as `values`: what a restoring eraser
+    (`eraser(values="target")`) puts back into source prompts. Empty in statistics saved before
+    they were kept (refit to restore)."""
 
     def __repr__(self) -> str:
         return (
@@ -100,7 +105,7 @@ class FitStatistics:
     def eraser(self, tau: float | None = None, **options: Any) -> Eraser:
         """An eraser from the stored scores, without running the model: `Eraser.from_statistics`
         (`tau`, `tau_mode`, `time_mask`, `pair_combine`, `blocks`, `granularity`; None keeps the
-        fit's option)."""
+        fit's option; `values="target"` restores instead of erasing)."""
         return Eraser.from_statistics(self, tau, **options)
 
     def sites_in(self, blocks: tuple[str, ...] | list[str] | None) -> tuple[Site, ...]:

@@ -1,0 +1,245 @@
+"""One causal sweep: patch one window of layers during one window of steps at a time, in each
+family of sites and in both directions, with the same prompts, seeds and metric everywhere, so
+that families and layers compare fairly.
+
+- `erase`: the pairs' target prompts, with the sources' values in the window. Activation families
+  (`ffn_hidden`, `attn2_out`, ...: any site kind) use the fit's eraser restricted to the window's
+  blocks; `text` injects each pair's source prompt into the window's blocks' cross-attention.
+- `restore`: the pairs' source prompts, with the concept's values only in the window: the same
+  masks holding the target's mean activations (`FitStatistics.eraser(values="target")`), or each
+  pair's target prompt injected.
+
+`concept_drop` is positive when the window carries the concept, in either direction. Statistics
+are fitted once per family (or given) and reused by every cell; the cells run through
+`run_cells`, with one progress bar, here or on an `executor`'s workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs
+from ..erase._util import site_table
+from ..executor import Executor, require_spec, resolve, run_cells
+from ..patching import Window, unet_of
+from ..sites import SITE_KINDS, UNET_OUT, select_sites
+from .evaluation import Evaluator
+from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, seed_summary
+from .records import Record
+
+if TYPE_CHECKING:
+    from ..metrics import Classifier
+
+TEXT = "text"
+"""The text-injection family: a prompt's text embedding swapped in a window of blocks' cross-attention."""
+
+FIELDS: tuple[str, ...] = tuple(
+    f"{key}{suffix}" for key in ("concept_rate", "baseline_concept_rate", "concept_drop", "damage", "preservation", "image_distance")
+    for suffix in ("", "_sem", "_low", "_high")
+)  # fmt: skip
+"""The measured fields of every sweep record (None where a cell does not measure one)."""
+
+
+def sweep_families() -> tuple[str, ...]:
+    """The families a sweep can patch: every site kind of the transformer blocks, and `text`."""
+    return (*(k for k in SITE_KINDS if k != UNET_OUT), TEXT)
+
+
+def layer_windows(blocks: Sequence[str], width: int = 1, stride: int | None = None) -> list[tuple[str, ...]]:
+    """Windows of `width` consecutive `blocks` (give them in execution order, e.g. `layers_of`)
+    every `stride` (default: `width`, no overlap); the last window is cut short, as in `step_windows`."""
+    blocks = list(blocks)
+    if not blocks or width < 1:
+        raise ValueError(f"need at least one block and a positive width, got {len(blocks)} blocks and width {width}")
+    stride = stride or width
+    if stride < 1:
+        raise ValueError(f"stride must be positive, got {stride}")
+    return [tuple(blocks[i : i + width]) for i in range(0, len(blocks), stride)]
+
+
+def window_label(layers: Sequence[str]) -> str:
+    """`up.1.1` for one block, `up.1.0-up.1.1` for a window (first and last block)."""
+    return layers[0] if len(layers) == 1 else f"{layers[0]}-{layers[-1]}"
+
+
+def _text_injection() -> type:
+    try:
+        from ..generation import TextInjection
+    except ImportError as err:
+        raise ImportError(
+            "the 'text' family needs acterase_interp.generation.TextInjection (prompt injection into chosen "
+            "blocks' cross-attention), which this version of the package lacks"
+        ) from err
+    return TextInjection
+
+
+@dataclass(frozen=True, eq=False)  # holds an evaluator: equality is identity
+class InjectionMeasure:
+    """The `text` family's measure for `causal_map`: every prompt of `evaluator`'s one prompt set
+    generated with its own `donors` prompt injected into the window's blocks during the window of
+    steps, scored on every seed (`seed_summary`). A dataclass so it pickles."""
+
+    evaluator: Evaluator
+    donors: tuple[str, ...]
+    """One injected prompt per generated image, in the evaluator's order."""
+    seeds: tuple[int, ...]
+    direction: str
+
+    def __call__(self, layer: str | Sequence[str], window: Window) -> Record:
+        injection = _text_injection()(prompts=list(self.donors), blocks=_blocks(layer), steps=tuple(window))
+        rows = [self.evaluator(None, s, inject=injection) for s in self.seeds]
+        return {"tau": None, "seeds": list(self.seeds), "concept": self.evaluator.concept} | seed_summary(rows, self.direction)
+
+
+def _check(model: Any, family: str, windows: Sequence[tuple[str, ...]], steps: Sequence[Window], n: int) -> None:
+    """Clear errors, before any fit, for windows the family cannot patch."""
+    if family not in sweep_families():
+        raise ValueError(f"unknown family {family!r}; choose from {sweep_families()}")
+    if not windows or not steps:
+        raise ValueError(f"family {family!r}: the sweep needs at least one layer window and one step window")
+    kind = "attn2_out" if family == TEXT else family  # text enters every block through its cross-attention
+    table = site_table(unet_of(model))
+    for w in windows:
+        if not w:
+            raise ValueError(f"family {family!r}: an empty layer window patches nothing")
+        select_sites(table, kind, list(w))  # unknown blocks: a clear error naming the known ones
+    for start, stop in steps:
+        if not 0 <= start < stop <= n:
+            raise ValueError(f"step window ({start}, {stop}) is not inside the {n} denoising steps")
+
+
+def _fit(model: Any, pairs: PromptPairs, family: str, options: EraseOptions, progress: bool) -> FitStatistics:
+    fitter = EraserFitter(model, replace(options, site_kind=family), progress=progress)
+    fitter.fit(pairs)
+    return fitter.statistics
+
+
+def _given(statistics: FitStatistics, family: str, pairs: PromptPairs) -> FitStatistics:
+    if statistics.options.site_kind != family or statistics.pairs.concept != pairs.concept:
+        raise ValueError(f"the statistics given for {family!r} were fitted at {statistics.options.site_kind!r} "
+                         f"for {statistics.pairs.concept!r}, not at {family!r} for {pairs.concept!r}")  # fmt: skip
+    return statistics
+
+
+def causal_sweep(
+    model: Any,
+    classifier: Classifier,
+    pairs: PromptPairs,
+    families: str | Sequence[str] = ("ffn_hidden",),
+    layer_windows: Sequence[Sequence[str]] | None = None,
+    step_windows: Sequence[Window] | None = None,
+    directions: str | Sequence[str] = DIRECTIONS,
+    *,
+    tau: float | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    statistics: Mapping[str, FitStatistics] | None = None,
+    options: EraseOptions | None = None,
+    evaluation: Mapping[str, Any] | None = None,
+    executor: Executor | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[Record]:
+    """One record per (family, layer window, step window, direction): see the module docstring.
+
+    `layer_windows`: tuples of block names patched together (`layer_windows(layers_of(stats), 2)`);
+    None: every block of the family alone. `step_windows`: (start, stop) denoising steps
+    (`step_windows(n, width)`); None: the whole run. Activation families are fitted once each with
+    `options` (default `EraseOptions()` at the evaluation's step count) unless `statistics[family]`
+    is given; `tau` (None: the fit's) and `overrides` (e.g. `granularity="unit"`) build the
+    erasers. `evaluation` goes to every `Evaluator` (num_inference_steps, images_per_prompt, ...).
+
+    Fields: `family`, `layers`, `layer_label`, `start`, `stop`, `direction`, `FIELDS` (seed means
+    with `_sem` and t intervals `_low`/`_high`; `baseline_concept_rate` is the unpatched run's;
+    `damage`, `preservation` and `image_distance` only when erasing an activation family, whose
+    evaluator also runs the pairs' non-target prompts), `seeds`, `tau`, `concept`, `fit_seeds`,
+    `options` (of the fit), `eval_options`. With `executor`, `model` and `classifier` are `Spec`s
+    and every cell runs on a worker; the fits run here."""
+    families = (families,) if isinstance(families, str) else tuple(families)
+    directions = (directions,) if isinstance(directions, str) else tuple(directions)
+    if not families or not directions:
+        raise ValueError("the sweep needs at least one family and one direction")
+    for d in directions:
+        check_direction(d)
+    evaluation = dict(evaluation or {})
+    loaded = resolve(model)
+    n = evaluation.get("num_inference_steps") or loaded.defaults.num_inference_steps
+    steps = [tuple(w) for w in step_windows] if step_windows is not None else [(0, n)]
+    blocks = list(dict.fromkeys(s.block for s in select_sites(site_table(unet_of(loaded)), "attn2_out")))
+    windows = [tuple(w) for w in layer_windows] if layer_windows is not None else None
+    for family in families:
+        _check(loaded, family, windows if windows is not None else [(b,) for b in blocks], steps, n)
+    if TEXT in families:
+        _text_injection()
+    if executor is not None:
+        require_spec(model, "model")
+        require_spec(classifier, "classifier")
+    options = options or EraseOptions(num_inference_steps=evaluation.get("num_inference_steps"))
+    given = statistics or {}
+    fits = {f: _given(given[f], f, pairs) if f in given else _fit(loaded, pairs, f, options, progress)
+            for f in families if f != TEXT}  # fmt: skip
+    evaluators = _Evaluators(model, classifier, pairs, evaluation)
+    cells = []
+    for family in families:
+        for direction in directions:
+            measure = _measure(family, direction, fits.get(family), evaluators, tau, seeds, overrides)
+            meta = {"family": family, "direction": direction, "eval_options": dict(measure.evaluator.options)}
+            own = windows if windows is not None else [(b,) for b in _family_blocks(fits.get(family), blocks)]
+            for w in own if family in fits else ():
+                fits[family].sites_in(w)  # blocks outside the fit: a clear error before any cell runs
+            cells += [(measure, w, s, meta) for w in own for s in steps]
+    rows = run_cells(_causal_cell, cells, executor, desc="causal sweep", progress=progress)
+    return [_tidy(r) for r in rows]
+
+
+def _family_blocks(statistics: FitStatistics | None, blocks: list[str]) -> list[str]:
+    """The blocks a family patches one at a time by default: the fitted ones, or every block."""
+    return blocks if statistics is None else list(dict.fromkeys(s.block for s in statistics.sites))
+
+
+class _Evaluators:
+    """The sweep's evaluators, built on first use and shared, so each unpatched run happens once:
+    targets with the non-target prompts (erasing sites), targets alone (erasing text), sources
+    alone (restoring)."""
+
+    def __init__(self, model: Any, classifier: Any, pairs: PromptPairs, evaluation: dict) -> None:
+        self.model, self.classifier, self.pairs, self.evaluation = model, classifier, pairs, evaluation
+        self._built: dict[str, Evaluator] = {}
+
+    def __call__(self, name: str) -> Evaluator:
+        if name not in self._built:
+            p = self.pairs
+            prompts = {"erase": (p.targets, p.non_target), "erase_text": (p.targets, ()), "restore": (p.sources, ())}[name]
+            self._built[name] = Evaluator(self.model, self.classifier, p.concept, *prompts, **self.evaluation)
+        return self._built[name]
+
+
+def _measure(
+    family: str,
+    direction: str,
+    statistics: FitStatistics | None,
+    evaluators: _Evaluators,
+    tau: float | None,
+    seeds: Sequence[int],
+    overrides: dict,
+) -> Any:
+    """The `causal_map` measure of one (family, direction)."""
+    if family != TEXT:
+        evaluator = evaluators(direction)
+        tau = statistics.options.tau if tau is None else tau
+        return eraser_measure(statistics, evaluator, tau, seeds, direction, **overrides)
+    evaluator = evaluators("erase_text" if direction == "erase" else "restore")
+    p = evaluators.pairs
+    donors = p.sources if direction == "erase" else p.targets
+    repeat = evaluator.options["images_per_prompt"]
+    return InjectionMeasure(evaluator, tuple(d for d in donors for _ in range(repeat)), tuple(seeds), direction)
+
+
+def _tidy(row: Record) -> Record:
+    """A `causal_map` row as a sweep record: the window's blocks as a list and a label, every field present."""
+    layers = list(_blocks(row.pop("layer")))
+    head = {"family": row.pop("family"), "layers": layers, "layer_label": window_label(layers),
+            "start": row.pop("start"), "stop": row.pop("stop"), "direction": row.pop("direction")}  # fmt: skip
+    measured = {f: row.pop(f, None) for f in FIELDS}
+    return head | measured | {"fit_seeds": None, "options": None} | row
