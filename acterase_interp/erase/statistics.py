@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
 from ..sites import Site, select_sites
 from ._util import site_from_dict, site_to_dict
 from .eraser import STATISTICS, Eraser
+from .masks import zscores
 from .options import EraseOptions
 from .pairs import PromptPairs
 
@@ -25,7 +26,7 @@ FORMAT = "acterase-statistics/1"
 MANIFEST = "statistics.json"
 TENSORS = "statistics.safetensors"
 # Options a stored fit can change without running the model again.
-RETHRESHOLD_OPTIONS = ("tau", "tau_mode", "time_mask", "pair_combine", "blocks", "granularity")
+RETHRESHOLD_OPTIONS = ("tau", "tau_mode", "time_mask", "pair_combine", "blocks", "granularity", "ranking", "top_k")
 _TENSOR_FIELDS = (
     "importance_source",
     "importance_target",
@@ -34,6 +35,8 @@ _TENSOR_FIELDS = (
     "values",
     "mean_source",
     "mean_target",
+    "square_mean_source",
+    "square_mean_target",
 )
 
 
@@ -82,6 +85,11 @@ class FitStatistics:
     """Class name of the scheduler."""
     versions: dict[str, str]
     """Library versions of the fit."""
+    square_mean_source: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(pair, unit) mean of the squared source activation over steps, tokens and rows (for
+    `ranking="zscore"`); empty in statistics saved before second moments were collected."""
+    square_mean_target: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(pair, unit) mean of the squared target activation; empty like `square_mean_source`."""
 
     def __repr__(self) -> str:
         return (
@@ -99,8 +107,8 @@ class FitStatistics:
 
     def eraser(self, tau: float | None = None, **options: Any) -> Eraser:
         """An eraser from the stored scores, without running the model: `Eraser.from_statistics`
-        (`tau`, `tau_mode`, `time_mask`, `pair_combine`, `blocks`, `granularity`; None keeps the
-        fit's option)."""
+        (`tau`, `tau_mode`, `time_mask`, `pair_combine`, `blocks`, `granularity`, `ranking`,
+        `top_k`; None keeps the fit's option)."""
         return Eraser.from_statistics(self, tau, **options)
 
     def sites_in(self, blocks: tuple[str, ...] | list[str] | None) -> tuple[Site, ...]:
@@ -144,6 +152,17 @@ class FitStatistics:
         """Per site, the (pair, unit) difference of mean activations, target minus source (means
         over steps, tokens and rows): one concept direction per pair, for SVD or probes."""
         return {s.name: self.mean_target[s.name] - self.mean_source[s.name] for s in self.sites}
+
+    def zscores(self, site_name: str) -> torch.Tensor:
+        """The (unit,) z-scores of one site (`masks.zscores`: target minus source mean over the
+        pooled std), from the stored first and second moments."""
+        if site_name not in self.square_mean_source:
+            raise ValueError(
+                "ranking='zscore' needs second moments, which these statistics lack (saved before they were "
+                "collected, or built without them): fit again to rank by z-score"
+            )
+        moments = (self.mean_source, self.mean_target, self.square_mean_source, self.square_mean_target)
+        return zscores(*(m[site_name] for m in moments))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a folder (safetensors + JSON), atomically."""
