@@ -72,7 +72,8 @@ class Site:
     reader_path: str | None
     """Dotted path of the Linear whose weight reads the site (importance I = W·|x|), or None."""
     shape: tuple[int, ...]
-    """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`."""
+    """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`;
+    tokens are latent pixels, or text tokens for `TEXT_TOKEN_KINDS`."""
 
 
 def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:

@@ -1,6 +1,7 @@
 """What a fit collects, kept so that a new threshold, time or pair rule gives a new eraser without
 running the model again: per site, the importance of every unit at every (pair, step) for the
-source and the target prompt, the mean source activations, and per-pair mean activations.
+source and the target prompt, the mean source activations, and per-pair first and second moments
+of the activations (means and mean squares, for difference vectors and z-scores).
 Statistics build erasers (`eraser`, i.e. `Eraser.from_statistics`); erasers never point back."""
 
 from __future__ import annotations
