@@ -2,11 +2,12 @@
 diffusion models, built on nnsight tracing, with ConceptWorld as the bundled offline model."""
 
 from .erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
-from .generation import generate
+from .generation import TextInjection, generate
 from .loading import GenerationDefaults, architecture_hash, load, load_pipeline, wrap
-from .sites import SITE_KINDS, Site, discover_sites, select_sites, site_by_name
+from .sites import PRESETS, SITE_KINDS, Site, discover_sites, select_sites, site_by_name
 
 __all__ = [
+    "PRESETS",
     "SITE_KINDS",
     "EraseOptions",
     "Eraser",
@@ -16,6 +17,7 @@ __all__ = [
     "merge",
     "GenerationDefaults",
     "Site",
+    "TextInjection",
     "architecture_hash",
     "discover_sites",
     "generate",

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from nnsight import DiffusionModel
 from tqdm.auto import tqdm
+
+from .injection import TextInjection, injected
+
+__all__ = ["TextInjection", "generate", "seed_list"]
 
 
 def seed_list(seeds: int | Sequence[int], n: int) -> list[int]:
@@ -29,13 +34,18 @@ def generate(
     guidance_scale: float | None = None,
     batch_size: int = 64,
     progress: bool = True,
+    inject: TextInjection | None = None,
 ) -> torch.Tensor:
     """Images for `prompts` as float (N, 3, H, W) in [0, 1], on the CPU. Steps and guidance default
     to `model.defaults`. Runs the raw pipeline, so an eraser switched on with `Eraser.applied` (or
-    any forward hook) takes effect."""
+    any forward hook) takes effect. With `inject`, prompt i's cross-attention text in the chosen
+    blocks and steps is `inject.prompts[i]`'s (see `acterase_interp.injection`); both lists are
+    batched in lockstep."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
+    if inject is not None and len(inject.prompts) != len(prompts):
+        raise ValueError(f"got {len(inject.prompts)} source prompts to inject for {len(prompts)} prompts: give one each")
     seeds = seed_list(seeds, len(prompts))
     d = model.defaults
     pipe = model.pipeline
@@ -44,14 +54,15 @@ def generate(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress or len(starts) == 1):
         chunk = slice(start, start + batch_size)
-        images = pipe(
-            prompts[chunk],
-            num_inference_steps=num_inference_steps or d.num_inference_steps,
-            guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
-            height=d.height,
-            width=d.width,
-            generator=[torch.Generator(device).manual_seed(s) for s in seeds[chunk]],
-            output_type="pt",
-        ).images
+        with nullcontext() if inject is None else injected(pipe, inject, inject.prompts[chunk]):
+            images = pipe(
+                prompts[chunk],
+                num_inference_steps=num_inference_steps or d.num_inference_steps,
+                guidance_scale=d.guidance_scale if guidance_scale is None else guidance_scale,
+                height=d.height,
+                width=d.width,
+                generator=[torch.Generator(device).manual_seed(s) for s in seeds[chunk]],
+                output_type="pt",
+            ).images
         out.append(images.float().cpu())
     return torch.cat(out)

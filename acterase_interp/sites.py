@@ -1,11 +1,14 @@
 """Intervention sites: named places in the UNet where activations are recorded and patched.
 
-Each UNet transformer block offers four sites, named `<block>.<kind>`:
+Each UNet transformer block offers seven sites, named `<block>.<kind>`, in execution order:
 
+- `attn1_out`: the output of self-attention `attn1`;
+- `attn2_k`, `attn2_v`: the outputs of cross-attention's key and value projections `attn2.to_k` /
+  `attn2.to_v`, one row per *text* token (they depend on the prompt only, not on the latent or step);
+- `attn2_out`: the output of cross-attention `attn2`;
 - `ffn_hidden`: the GEGLU output, i.e. the input of `ff.net.2` (the paper's default site);
 - `ffn_out`: the output of the feed-forward module `ff`;
-- `attn1_out`: the output of self-attention `attn1`;
-- `attn2_out`: the output of cross-attention `attn2`;
+- `block_out`: the output of the transformer block (`BasicTransformerBlock`) itself;
 
 and `unet_out` is the UNet's output. Blocks are named `down.<i>.<j>`, `mid.<j>` and `up.<i>.<j>`
 (`<i>` the UNet block, `<j>` its attention module), with a `.t<k>` suffix for the k-th transformer
@@ -13,6 +16,9 @@ layer where an attention module holds several (SDXL: `down.2.1.t3`; SD 1.x/2.x h
 their names have none). A block name or prefix (`down`, `up.0`, `mid.0`, `down.2.1`) selects blocks.
 Sites are listed in execution order, which nnsight requires within a denoising step, with shapes
 measured by one forward pass.
+
+Only `ffn_hidden` is read by a Linear (`ff.net.2`), whose weight weighs Eq. 4's importance; the
+other kinds are read by attention, a LayerNorm or a residual sum, so their importance is |x|.
 """
 
 from __future__ import annotations
@@ -22,16 +28,31 @@ from dataclasses import dataclass
 import torch
 from diffusers import UNet2DConditionModel
 
-SITE_KINDS: tuple[str, ...] = ("attn1_out", "attn2_out", "ffn_hidden", "ffn_out", "unet_out")
+SITE_KINDS: tuple[str, ...] = (
+    "attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out", "unet_out"
+)  # fmt: skip
 UNET_OUT = "unet_out"
+TEXT_TOKEN_KINDS: tuple[str, ...] = ("attn2_k", "attn2_v")
+"""Kinds whose tokens are the prompt's text tokens rather than latent pixels."""
+TEXT_TOKENS = 77
+"""Text tokens of SD's CLIP context: the default length of the probe prompt in `discover_sites`."""
 
 # kind -> (module path inside a transformer block, "input" or "output", path of the Linear that reads it)
 _KIND_SPEC: dict[str, tuple[str, str, str | None]] = {
     "attn1_out": ("attn1", "output", None),
+    "attn2_k": ("attn2.to_k", "output", None),  # read by q·k attention scores, not by a Linear
+    "attn2_v": ("attn2.to_v", "output", None),  # mixed by attention weights before `to_out` reads it
     "attn2_out": ("attn2", "output", None),
     "ffn_hidden": ("ff.net.2", "input", "ff.net.2"),
     "ffn_out": ("ff", "output", None),
+    "block_out": ("", "output", None),  # the block itself; the next block's LayerNorm reads it
 }
+
+PRESETS: dict[str, tuple[str, ...]] = {"locogen": ("up.1.1", "up.1.2")}
+"""Named block sets, usable wherever `blocks` are asked for (`blocks=("locogen",)`). `locogen`:
+LocoGen's (Basu et al. 2024) default cross-attention layers 8-9 of SD 1.x / 2.x, counted over the
+16 transformer blocks in execution order, i.e. `up_blocks.1.attentions.1` and `.2`. On SDXL the
+same names are prefixes of `up.1.1.t0-t1` and `up.1.2.t0-t1`, which LocoGen did not study there."""
 
 
 @dataclass(frozen=True)
@@ -51,7 +72,8 @@ class Site:
     reader_path: str | None
     """Dotted path of the Linear whose weight reads the site (importance I = W·|x|), or None."""
     shape: tuple[int, ...]
-    """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`."""
+    """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`;
+    tokens are latent pixels, or text tokens for `TEXT_TOKEN_KINDS`."""
 
 
 def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
@@ -70,11 +92,13 @@ def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
     return out
 
 
-def _candidates(unet: UNet2DConditionModel) -> list[Site]:
+def list_sites(unet: UNet2DConditionModel) -> list[Site]:
+    """Every site of `unet` in module order, without shapes: names and paths only, no forward pass."""
     sites = []
     for block, path in _block_names(unet):
         for kind, (sub, io, reader) in _KIND_SPEC.items():
-            sites.append(Site(f"{block}.{kind}", kind, block, f"{path}.{sub}", io, reader and f"{path}.{reader}", ()))
+            module = f"{path}.{sub}" if sub else path
+            sites.append(Site(f"{block}.{kind}", kind, block, module, io, reader and f"{path}.{reader}", ()))
     sites.append(Site(UNET_OUT, UNET_OUT, "unet", "", "output", None, ()))
     return sites
 
@@ -91,11 +115,14 @@ def _added_conditions(unet: UNet2DConditionModel, like: torch.Tensor) -> dict[st
 
 
 @torch.no_grad()
-def discover_sites(unet: UNet2DConditionModel, sample_size: int | None = None) -> list[Site]:
+def discover_sites(
+    unet: UNet2DConditionModel, sample_size: int | None = None, text_tokens: int = TEXT_TOKENS
+) -> list[Site]:
     """Every site of `unet`, in execution order, with per-image shapes at `sample_size` latent
-    pixels (default: the UNet's configured sample size). Runs one forward pass on zeros."""
+    pixels (default: the UNet's configured sample size) and, for `TEXT_TOKEN_KINDS`, prompts of
+    `text_tokens` tokens (the tokenizer's `model_max_length`). Runs one forward pass on zeros."""
     size = sample_size or unet.config.sample_size
-    candidates = {(s.module_path, s.io): s for s in _candidates(unet)}
+    candidates = {(s.module_path, s.io): s for s in list_sites(unet)}
     seen: list[tuple[Site, tuple[int, ...]]] = []
     handles = []
     for (path, io), site in candidates.items():
@@ -110,21 +137,23 @@ def discover_sites(unet: UNet2DConditionModel, sample_size: int | None = None) -
     try:
         p = next(unet.parameters())
         sample = torch.zeros(1, unet.config.in_channels, size, size, dtype=p.dtype, device=p.device)
-        context = torch.zeros(1, 1, unet.config.cross_attention_dim, dtype=p.dtype, device=p.device)
+        context = torch.zeros(1, text_tokens, unet.config.cross_attention_dim, dtype=p.dtype, device=p.device)
         unet(sample, 10, encoder_hidden_states=context, added_cond_kwargs=_added_conditions(unet, p))
     finally:
         for h in handles:
             h.remove()
-    # Forward hooks fire when a module returns: a Linear's input hook fires before its parent's output.
+    # Forward hooks fire when a module returns: a Linear's input hook fires before its parent's output,
+    # to_k's and to_v's outputs before attn2's, and a block's output after all of its parts.
     return [Site(s.name, s.kind, s.block, s.module_path, s.io, s.reader_path, shape) for s, shape in seen]
 
 
 def select_sites(
     sites: list[Site], kinds: str | tuple[str, ...] | list[str] = "ffn_hidden", blocks: list[str] | None = None
 ) -> list[Site]:
-    """The sites of the given kinds (and, if given, blocks or block prefixes such as "down"),
-    in execution order. Unknown kinds or blocks are an error."""
+    """The sites of the given kinds (and, if given, blocks, block prefixes such as "down", or
+    `PRESETS` names), in execution order. Unknown kinds or blocks are an error."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    blocks = None if blocks is None else [b for name in blocks for b in PRESETS.get(name, (name,))]
     bad = [k for k in kinds if k not in SITE_KINDS]
     if bad:
         raise ValueError(f"unknown site kind(s) {bad}; choose from {SITE_KINDS}")

@@ -37,7 +37,8 @@ def conceptworld() -> DiffusionModel:
 
 @pytest.fixture(scope="session")
 def conceptworld_sites(conceptworld: DiffusionModel) -> list[Site]:
-    return discover_sites(conceptworld.pipeline.unet)
+    pipe = conceptworld.pipeline
+    return discover_sites(pipe.unet, text_tokens=pipe.tokenizer.model_max_length)  # 24 tokens, not CLIP's 77
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ def one_block_model():
 
 @pytest.fixture(scope="module")
 def statistics(one_block_model, pairs):
-    fitter = EraserFitter(one_block_model, EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS), progress=False)
+    fitter = EraserFitter(one_block_model, EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS), restorable=True,
+                          progress=False)
     fitter.fit(pairs)
     return fitter.statistics
 
@@ -198,7 +199,8 @@ def test_a_process_pool_gives_the_serial_records(classifier, pairs):
 
     model = Spec.of(load, "conceptworld")
     spec_classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
-    fitter = EraserFitter(model.build(), EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS), progress=False)
+    fitter = EraserFitter(model.build(), EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS), restorable=True,
+                          progress=False)
     fitter.fit(pairs)
     args = (model, spec_classifier, pairs, "attn2_out", [("up.1.0",), ("up.1.1",)], [(0, STEPS)])
     kwargs = {"tau": 1.0, "seeds": (0,), "statistics": {"attn2_out": fitter.statistics}, "evaluation": EVALUATION,

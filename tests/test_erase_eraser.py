@@ -26,7 +26,7 @@ MIXED = ("down.0.0.ffn_hidden", "mid.0.attn2_out", "unet_out")  # an input site,
 
 @pytest.fixture(scope="module")
 def statistics(conceptworld) -> FitStatistics:
-    fitter = EraserFitter(conceptworld, EraseOptions(num_inference_steps=STEPS, tau=0.05), progress=False)
+    fitter = EraserFitter(conceptworld, EraseOptions(num_inference_steps=STEPS, tau=0.05), restorable=True, progress=False)
     fitter.fit(conceptworld_pairs("triangle", n=2, seed=0))
     return fitter.statistics
 

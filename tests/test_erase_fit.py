@@ -26,7 +26,7 @@ def pairs() -> PromptPairs:
 @pytest.fixture(scope="module")
 def fitter(conceptworld, pairs) -> EraserFitter:
     options = EraseOptions(num_inference_steps=STEPS, tau=0.05, granularity="token_unit")
-    f = EraserFitter(conceptworld, options, progress=False)
+    f = EraserFitter(conceptworld, options, restorable=True, progress=False)
     f.fit(pairs)
     return f
 
@@ -272,3 +272,16 @@ def test_a_per_step_attn2_fit_with_full_masks_redraws_the_source(conceptworld):
         patched = generate(m, [TARGET], **gen)
     assert (patched - source_image).abs().max() < 1e-4
     assert (target_image - source_image).abs().max() > 1e-2
+
+
+def test_only_a_restorable_fit_keeps_target_values(conceptworld, pairs, fitter):
+    options = EraseOptions(num_inference_steps=STEPS, tau=0.05, granularity="token_unit")
+    plain = EraserFitter(conceptworld, options, progress=False)
+    values = sum(8 * v.numel() for v in fitter.statistics.target_values.values())  # one float64 sum per (token, unit)
+    assert fitter.statistics_bytes(2) - plain.statistics_bytes(2) == values
+    plain.fit(pairs)
+    assert plain.statistics.target_values == {}
+    with pytest.raises(ValueError, match="restorable=True"):
+        plain.statistics.eraser(values="target")
+    # the rest of the statistics are the same with or without target values
+    assert all(torch.equal(plain.statistics.values[k], v) for k, v in fitter.statistics.values.items())

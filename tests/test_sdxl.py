@@ -2,8 +2,8 @@
 on `xl-tiny`, SDXL's layout at small widths with random weights, at 64-pixel images (8x8 latents).
 
 The identities are those SD 1.5 is held to: the eraser switched off leaves the model bit-identical,
-nnsight patching equals torch-hook patching, artifacts and statistics round-trip exactly. (Injecting
-the source prompt everywhere belongs to a text-injection family that does not exist yet.)"""
+nnsight patching equals torch-hook patching, artifacts and statistics round-trip exactly, and text
+injected everywhere is the source's text states (with the target's pooled embedding, not per block)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from nnsight import DiffusionModel
 from conftest import fired_order, hook_count, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
-from acterase_interp.generation import generate
+from acterase_interp.generation import TextInjection, generate
+from acterase_interp.injection import encode_prompts
 from acterase_interp.loading import GenerationDefaults, architecture_hash, load, wrap
 from acterase_interp.random_sd import build_random_sd
 from acterase_interp.sites import UNET_OUT, Site, discover_sites, select_sites
@@ -25,7 +26,7 @@ from acterase_interp.sites import UNET_OUT, Site, discover_sites, select_sites
 STEPS = 2
 SIDE = 64  # pixels: 8x8 latents, 4x4 tokens at level 1, 2x2 at level 2
 PROMPTS = ["a red triangle on a plain background", "a green circle on a dotted background"]
-KINDS = ("attn1_out", "attn2_out", "ffn_hidden", "ffn_out")
+KINDS = ("attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out")
 LAYERS = {"down.1": 2, "down.2": 10, "mid": 10, "up.0": 10, "up.1": 2}
 """Transformer layers per attention module of SDXL base, by UNet block (down.0 and up.2 have no attention)."""
 MODULES = {"down.1": ["down.1.0", "down.1.1"], "down.2": ["down.2.0", "down.2.1"], "mid": ["mid.0"],
@@ -63,13 +64,14 @@ def test_sdxl_base_has_the_published_architecture(base):
 def test_sdxl_base_site_table(base):
     sites = discover_sites(base.unet)  # shapes at the native 128x128 latents (1024 px); free on meta
     assert _blocks(sites) == SDXL_BLOCKS and len(SDXL_BLOCKS) == 70
-    assert len(sites) == 4 * 70 + 1 and sites[-1].kind == UNET_OUT and sites[-1].shape == (4, 128, 128)
+    assert len(sites) == len(KINDS) * 70 + 1 and sites[-1].kind == UNET_OUT and sites[-1].shape == (4, 128, 128)
     for block in SDXL_BLOCKS:
         assert [s.kind for s in sites if s.block == block] == list(KINDS)
     level = {"down.1": 1, "down.2": 2, "mid": 2, "up.0": 2, "up.1": 1}
     for s in sites[:-1]:
         lv = next(v for g, v in level.items() if s.block.startswith(g + "."))
         channels, tokens = (320, 640, 1280)[lv], (128 // 2**lv) ** 2
+        tokens = 77 if s.kind in ("attn2_k", "attn2_v") else tokens  # keys and values: one row per text token
         assert s.shape == (tokens, 4 * channels if s.kind == "ffn_hidden" else channels), s
     assert sites[0].module_path == "down_blocks.1.attentions.0.transformer_blocks.0.attn1"
     deep = next(s for s in sites if s.name == "down.2.1.t3.ffn_hidden")
@@ -235,3 +237,25 @@ def test_pipelines_the_toolkit_does_not_run_are_refused(tmp_path):
         build_random_sd("xl-tiny", sample_size=6)
     with pytest.raises(ValueError, match="device must be one of"):
         build_random_sd("xl-tiny", device="cuda")
+
+
+SOURCES = ["a red square on a plain background", "a blue star on a striped background"]
+
+
+def test_text_injection_swaps_only_the_cross_attention_text(tiny):
+    """Both encoders' states of the sources reach every attn2; the pooled embedding and time ids
+    stay the targets': the image is the pipeline's for source states with target pooled embeddings."""
+    pipe, d = tiny.pipeline, tiny.defaults
+    everywhere = generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, None), progress=False)
+    pooled = pipe.encode_prompt(PROMPTS, device=pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False)[2]
+    expected = pipe(prompt_embeds=encode_prompts(pipe, SOURCES), pooled_prompt_embeds=pooled, num_inference_steps=STEPS,
+                    guidance_scale=d.guidance_scale, height=d.height, width=d.width, output_type="pt",
+                    generator=[torch.Generator().manual_seed(i) for i in range(2)]).images.float().cpu()  # fmt: skip
+    assert torch.equal(everywhere, expected)
+    assert not torch.equal(everywhere, _images(tiny, SOURCES))  # the pooled embedding matters on SDXL
+    target = _images(tiny)
+    assert torch.equal(generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, ()), progress=False), target)
+    assert torch.equal(generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, None, (0, 0)), progress=False),
+                       target)  # fmt: skip
+    some = generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, ("up.1.2.t1",)), progress=False)
+    assert not torch.equal(some, target) and not torch.equal(some, everywhere)

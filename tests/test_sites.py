@@ -9,6 +9,7 @@ import torch
 from conftest import fired_order
 
 from acterase_interp.sites import (
+    PRESETS,
     SITE_KINDS,
     UNET_OUT,
     Site,
@@ -18,7 +19,7 @@ from acterase_interp.sites import (
     site_by_name,
 )
 
-BLOCK_KINDS = ("attn1_out", "attn2_out", "ffn_hidden", "ffn_out")
+BLOCK_KINDS = ("attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out")
 CW_BLOCKS = ["down.0.0", "down.1.0", "mid.0", "up.0.0", "up.0.1", "up.1.0", "up.1.1"]
 
 
@@ -27,7 +28,8 @@ def _blocks(sites: list[Site]) -> list[str]:
 
 
 def _check_order(sites: list[Site]) -> None:
-    """Blocks run down -> mid -> up, each block's sites in one run, attn1 < attn2 < ffn_hidden < ffn_out."""
+    """Blocks run down -> mid -> up, each block's sites in one run: attn1 < to_k < to_v < attn2 <
+    ffn_hidden < ffn_out < the block's output."""
     stages = [s.block.split(".")[0] for s in sites if s.kind != UNET_OUT]
     assert stages == sorted(stages, key=["down", "mid", "up"].index)
     for block in _blocks(sites):
@@ -39,7 +41,7 @@ def _check_order(sites: list[Site]) -> None:
 def test_conceptworld_sites(conceptworld_sites):
     sites = conceptworld_sites
     assert _blocks(sites) == CW_BLOCKS
-    assert len(sites) == 4 * len(CW_BLOCKS) + 1
+    assert len(sites) == len(BLOCK_KINDS) * len(CW_BLOCKS) + 1
     for kind in BLOCK_KINDS:
         assert len(select_sites(sites, kind)) == len(CW_BLOCKS)
     _check_order(sites)
@@ -52,6 +54,10 @@ def test_conceptworld_shapes(conceptworld_sites):
     # 8x8 latents: 64 tokens of 64 channels at the top level, 16 tokens of 128 channels below.
     assert by_name["down.0.0.ffn_hidden"] == (64, 256)
     assert by_name["down.0.0.attn1_out"] == by_name["down.0.0.attn2_out"] == by_name["down.0.0.ffn_out"] == (64, 64)
+    assert by_name["down.0.0.block_out"] == (64, 64)
+    # keys and values: one row per text token (ConceptWorld's 24), the attention's inner width
+    assert by_name["down.0.0.attn2_k"] == by_name["down.0.0.attn2_v"] == (24, 64)
+    assert by_name["mid.0.attn2_v"] == (24, 128)
     assert by_name["down.1.0.ffn_hidden"] == (16, 512)
     assert by_name["mid.0.ffn_out"] == (16, 128)
     assert by_name["up.1.1.ffn_hidden"] == (64, 256)
@@ -103,7 +109,7 @@ def test_random_sd_sites(random_sd):
         stage, index = s.block.split(".")[:2]
         level = {"down": int(index), "mid": 3, "up": 3 - int(index)}[stage]
         channels = (320, 640, 1280, 1280)[level]
-        tokens = (side // 2**level) ** 2
+        tokens = 77 if s.kind in ("attn2_k", "attn2_v") else (side // 2**level) ** 2  # CLIP's context: 77
         width = 4 * channels if s.kind == "ffn_hidden" else channels
         assert s.shape == (tokens, width), s
     widths = sorted({s.shape[1] for s in select_sites(sites, "ffn_hidden")})
@@ -148,6 +154,17 @@ def test_site_errors(conceptworld_sites):
     with pytest.raises(KeyError, match="down.0.0.ffn_hidden"):  # the message lists the real names
         site_by_name(conceptworld_sites, "down.9.9.ffn_hidden")
     assert site_by_name(conceptworld_sites, "mid.0.attn2_out").kind == "attn2_out"
+
+
+def test_presets_name_block_sets(conceptworld_sites, random_sd):
+    locogen = select_sites(random_sd.sites, "attn2_out", blocks=["locogen"])
+    # LocoGen's cross-attention layers 8 and 9 of 16, counted in execution order
+    assert locogen == [select_sites(random_sd.sites, "attn2_out")[i] for i in (8, 9)]
+    assert [s.module_path for s in locogen] == [f"up_blocks.1.attentions.{j}.transformer_blocks.0.attn2" for j in (1, 2)]
+    assert select_sites(random_sd.sites, "ffn_out", blocks=["locogen", "mid"])[0].block == "mid.0"
+    assert PRESETS["locogen"] == ("up.1.1", "up.1.2")
+    with pytest.raises(ValueError, match="unknown block"):  # ConceptWorld's up.1 has two modules only
+        select_sites(conceptworld_sites, "ffn_out", blocks=["locogen"])
 
 
 def test_reader_weight_norm(conceptworld, conceptworld_sites):

@@ -110,8 +110,9 @@ def _check(model: Any, family: str, windows: Sequence[tuple[str, ...]], steps: S
             raise ValueError(f"step window ({start}, {stop}) is not inside the {n} denoising steps")
 
 
-def _fit(model: Any, pairs: PromptPairs, family: str, options: EraseOptions, progress: bool) -> FitStatistics:
-    fitter = EraserFitter(model, replace(options, site_kind=family), progress=progress)
+def _fit(model: Any, pairs: PromptPairs, family: str, options: EraseOptions, restorable: bool,
+         progress: bool) -> FitStatistics:
+    fitter = EraserFitter(model, replace(options, site_kind=family), restorable=restorable, progress=progress)
     fitter.fit(pairs)
     return fitter.statistics
 
@@ -177,7 +178,7 @@ def causal_sweep(
         require_spec(classifier, "classifier")
     options = options or EraseOptions(num_inference_steps=evaluation.get("num_inference_steps"))
     given = statistics or {}
-    fits = {f: _given(given[f], f, pairs) if f in given else _fit(loaded, pairs, f, options, progress)
+    fits = {f: _given(given[f], f, pairs) if f in given else _fit(loaded, pairs, f, options, "restore" in directions, progress)
             for f in families if f != TEXT}  # fmt: skip
     evaluators = _Evaluators(model, classifier, pairs, evaluation)
     cells = []

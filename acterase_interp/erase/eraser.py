@@ -23,7 +23,7 @@ from ..patching import StepSchedule, from_tokens, patch_in_trace, patched, to_to
 from ..provenance import library_versions
 from ..sites import UNET_OUT, Site
 from ._util import site_from_dict, site_table, site_to_dict
-from .masks import importance_mask
+from .masks import importance_mask, zscore_mask
 
 if TYPE_CHECKING:
     from .statistics import FitStatistics
@@ -113,30 +113,37 @@ class Eraser:
         pair_combine: str | None = None,
         blocks: tuple[str, ...] | list[str] | None = None,
         granularity: str | None = None,
+        ranking: str | None = None,
+        top_k: int | None = None,
         values: str = "source",
     ) -> Eraser:
-        """The eraser of stored fit statistics (Eq. 5 masks, the fitted values), without running
-        the model; arguments left None keep the fit's options (`blocks` must name fitted blocks).
-        `values="target"` keeps the masks but puts back the target's mean activations: applied to
-        source prompts it restores the concept where the eraser would remove it (a causal test in
-        the other direction). `statistics.eraser(...)` is the same call."""
+        """The eraser of stored fit statistics (Eq. 5 masks, or z-score masks with
+        `ranking="zscore"`; the fitted values), without running the model; arguments left None
+        keep the fit's options (`blocks` must name fitted blocks). `values="target"` keeps the
+        masks but puts back the target's mean activations: applied to source prompts it restores
+        the concept where the eraser would remove it (a causal test in the other direction).
+        `statistics.eraser(...)` is the same call."""
         if values not in VALUE_ROLES:
             raise ValueError(f"values={values!r} is not one of {VALUE_ROLES}")
         if values == "target" and not statistics.target_values:
-            raise ValueError("these statistics hold no target values (saved by an older version): refit to restore")
+            raise ValueError("these statistics hold no target values: refit with EraserFitter(..., restorable=True)")
         changes = dict(tau=tau, tau_mode=tau_mode, time_mask=time_mask, pair_combine=pair_combine, blocks=blocks)
-        changes["granularity"] = granularity
+        changes.update(granularity=granularity, ranking=ranking, top_k=top_k)
         options = replace(statistics.options, **{k: v for k, v in changes.items() if v is not None})
+        sites = statistics.sites_in(options.blocks)
+        stored = statistics.target_values if values == "target" else statistics.values
+        kept = {s.name: stored[s.name] for s in sites}
+        manifest = statistics.manifest(options) | ({"values": "target"} if values == "target" else {})
+        if options.ranking == "zscore":
+            masks = {s.name: zscore_mask(statistics.zscores(s.name), options.top_k) for s in sites}
+            return cls(sites=sites, masks=masks, values=kept, manifest=manifest)
         token = options.granularity == "token_unit"
         if token and not statistics.token_importance_source:
             raise ValueError("granularity='token_unit' needs a fit with granularity='token_unit'; this one is per unit")
-        sites = statistics.sites_in(options.blocks)
         source = statistics.token_importance_source if token else statistics.importance_source
         target = statistics.token_importance_target if token else statistics.importance_target
         masks = {s.name: importance_mask(source[s.name], target[s.name], options) for s in sites}
-        stored = statistics.target_values if values == "target" else statistics.values
-        manifest = statistics.manifest(options) | ({"values": "target"} if values == "target" else {})
-        return cls(sites=sites, masks=masks, values={s.name: stored[s.name] for s in sites}, manifest=manifest)
+        return cls(sites=sites, masks=masks, values=kept, manifest=manifest)
 
     # -- properties -------------------------------------------------------------
 

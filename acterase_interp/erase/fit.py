@@ -5,7 +5,11 @@ the UNet sees the same latent with both prompts in one batched call: the prompts
 [source, target] with one initial noise for both rows, and after the sites are read the target
 rows of the UNet's output are overwritten with the source rows, so the scheduler moves both rows
 identically (checked at every step). Per site the fitter streams importance scores, the running
-sums of source and target activations and per-pair mean activations; nothing else is kept.
+sum of source activations (and of target activations for a `restorable` fit) and per-pair first
+and second moments; nothing else is kept.
+
+Text-token sites (`attn2_k`, `attn2_v`) depend on the prompt only, so their statistics repeat at
+every step; they are stored per step all the same, like every other site.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ..generation import seed_list
 from ..loading import architecture_hash
 from ..patching import call_timestep, read_in_trace, rewrap, to_tokens, unwrap
 from ..provenance import library_versions
-from ..sites import UNET_OUT, Site, reader_weight_norm, select_sites
+from ..sites import TEXT_TOKEN_KINDS, UNET_OUT, Site, reader_weight_norm, select_sites
 from ._util import site_table
 from .eraser import Eraser
 from .options import EraseOptions
@@ -30,6 +34,8 @@ from .pairs import PromptPairs
 from .statistics import FitStatistics
 
 _GB = 2**30
+_SCORES = ("I_s", "I_t", "tI_s", "tI_t", "m_s", "m_t", "q_s", "q_t")
+_MOMENTS = ("m_s", "m_t", "q_s", "q_t")  # first and second moments, (units,) per pair
 
 
 def follow_source(output: torch.Tensor) -> torch.Tensor:
@@ -53,9 +59,12 @@ class EraserFitter:
         options: EraseOptions | None = None,
         *,
         max_statistics_gb: float = 4.0,
+        restorable: bool = False,
         progress: bool = True,
     ) -> None:
         self.model = model
+        # target means too (FitStatistics.target_values) for restoring erasers: twice the value memory
+        self.restorable = restorable
         self.options = options = options or EraseOptions()
         self.max_statistics_gb = max_statistics_gb
         self.progress = progress
@@ -78,7 +87,7 @@ class EraserFitter:
         self._pairs: list[tuple[str, str, int]] = []  # (target, source, seed)
         self._info: PromptPairs | None = None
         self._scores: dict[str, dict[str, list[torch.Tensor]]] = {
-            k: {s.name: [] for s in self.sites} for k in ("I_s", "I_t", "tI_s", "tI_t", "m_s", "m_t")
+            k: {s.name: [] for s in self.sites} for k in _SCORES
         }
         self._value_sum: dict[str, torch.Tensor] = {}
         self._target_value_sum: dict[str, torch.Tensor] = {}
@@ -99,7 +108,7 @@ class EraserFitter:
                 raise ValueError(f"the {name} prompt must be a non-empty string, got {prompt!r}")
         seed = self.options.seed + len(self._pairs) if seed is None else int(seed)
         self._check_budget(len(self._pairs) + 1)
-        record: dict[str, dict[str, torch.Tensor]] = {k: {} for k in ("I_s", "I_t", "tI_s", "tI_t", "v", "v_t", "m_s", "m_t")}
+        record: dict[str, dict[str, torch.Tensor]] = {k: {} for k in (*_SCORES, "v", "v_t")}
         bar = self._bar if self._bar is not None else tqdm(total=self.num_steps, desc="erase fit", disable=not self.progress)
         try:
             self._run(target, source, seed, record, bar)
@@ -162,6 +171,8 @@ class EraserFitter:
             target_values={name: (v / count).float() for name, v in self._target_value_sum.items()},
             mean_source=stack["m_s"],
             mean_target=stack["m_t"],
+            square_mean_source=stack["q_s"],
+            square_mean_target=stack["q_t"],
             architecture_hash=architecture_hash(self.model.pipeline),
             num_inference_steps=self.num_inference_steps,
             guidance_scale=float(self.guidance_scale),
@@ -241,9 +252,12 @@ class EraserFitter:
             record["tI_t"][name][step] = token_target
         value_step = step if self.options.value_mode == "per_step" else 0
         record["v"][name][value_step] += source.mean(0).double()
-        record["v_t"][name][value_step] += target.mean(0).double()
+        if self.restorable:
+            record["v_t"][name][value_step] += target.mean(0).double()
         record["m_s"][name] += source.mean(dim=(0, 1)).double()
         record["m_t"][name] += target.mean(dim=(0, 1)).double()
+        record["q_s"][name] += source.square().mean(dim=(0, 1)).double()
+        record["q_t"][name] += target.square().mean(dim=(0, 1)).double()
 
     def _start(self, record: dict, name: str, x: torch.Tensor) -> None:
         steps, (tokens, units) = self.num_steps, x.shape[1:]
@@ -255,16 +269,17 @@ class EraserFitter:
             record["tI_t"][name] = torch.zeros(steps, tokens, units, **new)
         value_steps = steps if self.options.value_mode == "per_step" else 1
         record["v"][name] = torch.zeros(value_steps, tokens, units, dtype=torch.float64, **new)
-        record["v_t"][name] = torch.zeros(value_steps, tokens, units, dtype=torch.float64, **new)
-        record["m_s"][name] = torch.zeros(units, dtype=torch.float64, **new)
-        record["m_t"][name] = torch.zeros(units, dtype=torch.float64, **new)
+        if self.restorable:
+            record["v_t"][name] = torch.zeros(value_steps, tokens, units, dtype=torch.float64, **new)
+        for key in _MOMENTS:
+            record[key][name] = torch.zeros(units, dtype=torch.float64, **new)
 
     def _commit(self, record: dict) -> None:
         """Add a finished pair (a run that failed half-way adds nothing)."""
         for key in ("I_s", "I_t", "tI_s", "tI_t"):
             for name, t in record[key].items():
                 self._scores[key][name].append(t.cpu())
-        for key in ("m_s", "m_t"):
+        for key in _MOMENTS:
             for name, t in record[key].items():
                 self._scores[key][name].append((t / self.num_steps).float().cpu())
         for key, sums in (("v", self._value_sum), ("v_t", self._target_value_sum)):
@@ -275,21 +290,28 @@ class EraserFitter:
 
     def _token_counts(self, unet: Any) -> dict[str, int]:
         """Tokens of every site at the fitting resolution, scaled from the small probe pass of
-        `site_table` (tokens scale with the latent's area)."""
+        `site_table` (tokens scale with the latent's area; text tokens are the tokenizer's length)."""
         probe = 2 ** (len(unet.config.block_out_channels) - 1)
-        factor = self.model.pipeline.vae_scale_factor
-        area = (self.height // factor) * (self.width // factor) / probe**2
-        return {s.name: int((s.shape[0] if s.kind != UNET_OUT else s.shape[1] * s.shape[2]) * area) for s in self.sites}
+        pipe = self.model.pipeline
+        area = (self.height // pipe.vae_scale_factor) * (self.width // pipe.vae_scale_factor) / probe**2
+        text = pipe.tokenizer.model_max_length
+
+        def tokens(s: Site) -> int:
+            if s.kind in TEXT_TOKEN_KINDS:
+                return text
+            return int((s.shape[0] if s.kind != UNET_OUT else s.shape[1] * s.shape[2]) * area)
+
+        return {s.name: tokens(s) for s in self.sites}
 
     def statistics_bytes(self, n_pairs: int) -> int:
         """Estimated bytes of the statistics of `n_pairs` pairs (scores, plus value sums)."""
         steps, token = self.num_steps, self.options.granularity == "token_unit"
-        # per pair: source + target float32 scores per (step, unit) [and (step, token, unit)], two mean vectors;
-        # then source and target value sums
+        # per pair: source + target float32 scores per (step, unit) [and (step, token, unit)], four moment vectors;
+        # then the source value sums (and the target's, for a restorable fit)
         units, tokens = self._units, self._tokens
-        per_pair = sum(8 * units[n] * (steps * (1 + (tokens[n] if token else 0)) + 1) for n in units)
+        per_pair = sum(8 * units[n] * (steps * (1 + (tokens[n] if token else 0)) + 2) for n in units)
         value_steps = steps if self.options.value_mode == "per_step" else 1
-        values = sum(2 * 8 * value_steps * self._tokens[n] * self._units[n] for n in self._units)
+        values = sum((2 if self.restorable else 1) * 8 * value_steps * self._tokens[n] * self._units[n] for n in self._units)
         return n_pairs * per_pair + values
 
     def _check_budget(self, n_pairs: int) -> None:

@@ -1,5 +1,6 @@
 """Mask algebra of a fit (Eq. 5): which entries pass the importance threshold, and how masks of
-several steps and pairs combine. Tensors in, tensors out: no model, no eraser."""
+several steps and pairs combine; and LocoGen-style z-score ranking as an alternative to Eq. 4-5.
+Tensors in, tensors out: no model, no eraser."""
 
 from __future__ import annotations
 
@@ -48,3 +49,28 @@ def importance_mask(source: torch.Tensor, target: torch.Tensor, options: EraseOp
         masks = combine(masks, options.time_mask, dim=1).unsqueeze(1)
     mask = combine(masks, options.pair_combine, dim=0)
     return mask if mask.ndim == 3 else mask.unsqueeze(1)
+
+
+def zscores(
+    mean_source: torch.Tensor, mean_target: torch.Tensor, square_source: torch.Tensor, square_target: torch.Tensor
+) -> torch.Tensor:
+    """Per unit, z = (mean_target - mean_source) / pooled std, from (pair, unit) first and second
+    moments (each pair's mean over the same number of steps, tokens and rows, so a mean over pairs
+    is the mean over every activation). Pooled: std = sqrt((var_source + var_target) / 2), so a
+    unit that the concept moves far relative to its spread in *either* prompt ranks high; a unit
+    with no spread and no difference gets z = 0."""
+    moments = [t.double().mean(0) for t in (mean_source, mean_target, square_source, square_target)]
+    m_s, m_t, q_s, q_t = moments
+    var = ((q_s - m_s.square()).clamp_min(0) + (q_t - m_t.square()).clamp_min(0)) / 2
+    diff = m_t - m_s
+    z = torch.where(var > 0, diff / var.sqrt().clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(diff))
+    return z.float()
+
+
+def zscore_mask(z: torch.Tensor, top_k: int) -> torch.Tensor:
+    """The (1, 1, units) bool mask of the `top_k` units of largest |z| (all units where a site has
+    fewer)."""
+    k = min(top_k, z.numel())
+    mask = torch.zeros(z.numel(), dtype=torch.bool)
+    mask[z.abs().topk(k).indices] = True
+    return mask.view(1, 1, -1)

@@ -14,6 +14,7 @@ TIME_MASKS = ("union", "last", "per_step", "majority")
 CFG_ROWS = ("cond", "both")
 PAIR_COMBINES = ("union", "intersection", "majority")
 VALUE_MODES = ("mean", "per_step")
+RANKINGS = ("importance", "zscore")
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -27,7 +28,8 @@ class EraseOptions:
 
     site_kind: str = "ffn_hidden"
     """Which site of every transformer block is patched: `ffn_hidden` (the paper's default, the
-    GEGLU output read by `ff.net.2`), `ffn_out`, `attn1_out`, `attn2_out`, or `unet_out`."""
+    GEGLU output read by `ff.net.2`), `ffn_out`, `attn1_out`, `attn2_k`, `attn2_v`, `attn2_out`,
+    `block_out`, or `unet_out` (see `acterase_interp.sites`)."""
     tau: float = 0.01
     """Importance threshold of Eq. 5; its meaning depends on `tau_mode`."""
     tau_mode: str = "fraction"
@@ -45,7 +47,8 @@ class EraseOptions:
     """Rows of the classifier-free-guidance batch that feed the statistics: `cond` (conditional
     rows only) or `both` (unconditional rows too, averaged in). Erasure always patches both."""
     blocks: tuple[str, ...] | None = None
-    """Transformer blocks to patch, by name or prefix (`down`, `mid.0`, `up.1.2`); None: all."""
+    """Transformer blocks to patch, by name, prefix (`down`, `mid.0`, `up.1.2`) or preset
+    (`sites.PRESETS`, e.g. `locogen`); None: all."""
     pair_combine: str = "union"
     """How the masks of the pairs become one (after combining over time): `union`,
     `intersection`, or a strict `majority` of pairs."""
@@ -58,6 +61,13 @@ class EraseOptions:
     """Classifier-free guidance scale of the collection runs; None: the model's default."""
     seed: int = 0
     """Seed of the first pair's initial noise; pair i uses `seed + i` unless given its own."""
+    ranking: str = "importance"
+    """Which units are replaced: `importance`, Eq. 4-5 (tau, tau_mode, time_mask, pair_combine
+    and granularity apply); or `zscore`, LocoGen-style: per site the `top_k` units of largest
+    |mean_target - mean_source| / pooled std (see `masks.zscores`), one mask for every token and
+    step. Either way a masked unit takes the fitted value, the mean source activation (Eq. 6)."""
+    top_k: int | None = None
+    """Units replaced per site with `ranking="zscore"` (required there, ignored otherwise)."""
 
     def __post_init__(self) -> None:
         _choice("site_kind", self.site_kind, SITE_KINDS)
@@ -67,6 +77,11 @@ class EraseOptions:
         _choice("cfg_rows", self.cfg_rows, CFG_ROWS)
         _choice("pair_combine", self.pair_combine, PAIR_COMBINES)
         _choice("value_mode", self.value_mode, VALUE_MODES)
+        _choice("ranking", self.ranking, RANKINGS)
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive int (units per site), got {self.top_k!r}")
+        if self.ranking == "zscore" and self.top_k is None:
+            raise ValueError("ranking='zscore' needs top_k, the number of units to replace per site")
         check_tau(self.tau, self.tau_mode)
         if isinstance(self.blocks, str):
             object.__setattr__(self, "blocks", (self.blocks,))

@@ -1,6 +1,8 @@
 """What a fit collects, kept so that a new threshold, time or pair rule gives a new eraser without
 running the model again: per site, the importance of every unit at every (pair, step) for the
-source and the target prompt, the mean source and target activations, and per-pair mean activations.
+source and the target prompt, the mean source activations (and target ones, when fitted
+`restorable`), and per-pair first and second moments of the activations (means and mean squares,
+for difference vectors and z-scores).
 Statistics build erasers (`eraser`, i.e. `Eraser.from_statistics`); erasers never point back."""
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
 from ..sites import Site, select_sites
 from ._util import site_from_dict, site_to_dict
 from .eraser import STATISTICS, Eraser
+from .masks import zscores
 from .options import EraseOptions
 from .pairs import PromptPairs
 
@@ -25,7 +28,7 @@ FORMAT = "acterase-statistics/1"
 MANIFEST = "statistics.json"
 TENSORS = "statistics.safetensors"
 # Options a stored fit can change without running the model again.
-RETHRESHOLD_OPTIONS = ("tau", "tau_mode", "time_mask", "pair_combine", "blocks", "granularity")
+RETHRESHOLD_OPTIONS = ("tau", "tau_mode", "time_mask", "pair_combine", "blocks", "granularity", "ranking", "top_k")
 _TENSOR_FIELDS = (
     "importance_source",
     "importance_target",
@@ -35,6 +38,8 @@ _TENSOR_FIELDS = (
     "target_values",
     "mean_source",
     "mean_target",
+    "square_mean_source",
+    "square_mean_target",
 )
 
 
@@ -85,8 +90,13 @@ class FitStatistics:
     """Library versions of the fit."""
     target_values: dict[str, torch.Tensor] = field(default_factory=dict)
     """The target's mean activations, shaped as `values`: what a restoring eraser
-    (`eraser(values="target")`) puts back into source prompts. Empty in statistics saved before
-    they were kept (refit to restore)."""
+    (`eraser(values="target")`) puts back into source prompts. Empty unless the fit was
+    `restorable` (it doubles the value memory)."""
+    square_mean_source: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(pair, unit) mean of the squared source activation over steps, tokens and rows (for
+    `ranking="zscore"`); empty in statistics saved before second moments were collected."""
+    square_mean_target: dict[str, torch.Tensor] = field(default_factory=dict)
+    """(pair, unit) mean of the squared target activation; empty like `square_mean_source`."""
 
     def __repr__(self) -> str:
         return (
@@ -104,8 +114,8 @@ class FitStatistics:
 
     def eraser(self, tau: float | None = None, **options: Any) -> Eraser:
         """An eraser from the stored scores, without running the model: `Eraser.from_statistics`
-        (`tau`, `tau_mode`, `time_mask`, `pair_combine`, `blocks`, `granularity`; None keeps the
-        fit's option; `values="target"` restores instead of erasing)."""
+        (`tau`, `tau_mode`, `time_mask`, `pair_combine`, `blocks`, `granularity`, `ranking`,
+        `top_k`; None keeps the fit's option; `values="target"` restores instead of erasing)."""
         return Eraser.from_statistics(self, tau, **options)
 
     def sites_in(self, blocks: tuple[str, ...] | list[str] | None) -> tuple[Site, ...]:
@@ -149,6 +159,17 @@ class FitStatistics:
         """Per site, the (pair, unit) difference of mean activations, target minus source (means
         over steps, tokens and rows): one concept direction per pair, for SVD or probes."""
         return {s.name: self.mean_target[s.name] - self.mean_source[s.name] for s in self.sites}
+
+    def zscores(self, site_name: str) -> torch.Tensor:
+        """The (unit,) z-scores of one site (`masks.zscores`: target minus source mean over the
+        pooled std), from the stored first and second moments."""
+        if site_name not in self.square_mean_source:
+            raise ValueError(
+                "ranking='zscore' needs second moments, which these statistics lack (saved before they were "
+                "collected, or built without them): fit again to rank by z-score"
+            )
+        moments = (self.mean_source, self.mean_target, self.square_mean_source, self.square_mean_target)
+        return zscores(*(m[site_name] for m in moments))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a folder (safetensors + JSON), atomically."""
