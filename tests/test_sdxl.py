@@ -259,3 +259,25 @@ def test_text_injection_swaps_only_the_cross_attention_text(tiny):
                        target)  # fmt: skip
     some = generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, ("up.1.2.t1",)), progress=False)
     assert not torch.equal(some, target) and not torch.equal(some, everywhere)
+
+
+def test_the_causal_sweep_runs_on_sdxl(tiny):
+    """Every family kind of the sweep (an FFN site, a cross-attention value site, text injection),
+    both directions, on SDXL's layout: records complete, and patching moves the images."""
+    from acterase_interp.analysis import causal_sweep
+    from acterase_interp.loading import conceptworld_dir
+    from acterase_interp.world.classifier import ConceptClassifier
+
+    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")  # reads any image size
+    pairs = PromptPairs("triangle", ["a red triangle on a plain background"], ["a red square on a plain background"],
+                        non_target=["a green circle on a dotted background"])  # fmt: skip
+    records = causal_sweep(tiny, classifier, pairs, ("ffn_hidden", "attn2_v", "text"), [("mid.0",), ("up.1.2",)],
+                           [(0, STEPS)], tau=1.0, seeds=(0,), progress=False)  # fmt: skip
+    assert [(r["family"], r["direction"], r["layer_label"]) for r in records] == [
+        (f, d, b) for f in ("ffn_hidden", "attn2_v", "text") for d in ("erase", "restore") for b in ("mid.0", "up.1.2")]
+    for r in records:
+        assert 0.0 <= r["concept_rate"] <= 1.0 and r["seeds"] == [0]
+        if r["family"] != "text" and r["direction"] == "erase":
+            assert r["image_distance"] is not None and r["damage"] is not None
+    # "mid.0" selects all ten transformer layers of the mid block; patching them moves the non-target images
+    assert all(r["image_distance"] > 0 for r in records if r["family"] != "text" and r["direction"] == "erase")
