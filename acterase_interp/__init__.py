@@ -2,7 +2,7 @@
 diffusion models, built on nnsight tracing, with ConceptWorld as the bundled offline model."""
 
 from .erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
-from .generation import TextInjection, generate
+from .generation import TextInjection, TextLayerInjection, generate
 from .loading import GenerationDefaults, architecture_hash, load, load_pipeline, wrap
 from .sites import PRESETS, SITE_KINDS, Site, discover_sites, select_sites, site_by_name
 
@@ -18,6 +18,7 @@ __all__ = [
     "GenerationDefaults",
     "Site",
     "TextInjection",
+    "TextLayerInjection",
     "architecture_hash",
     "discover_sites",
     "generate",

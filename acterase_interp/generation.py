@@ -9,9 +9,10 @@ import torch
 from nnsight import DiffusionModel
 from tqdm.auto import tqdm
 
-from .injection import TextInjection, injected
+from .injection import Injection, TextInjection
+from .text_layers import TextLayerInjection
 
-__all__ = ["TextInjection", "generate", "seed_list"]
+__all__ = ["Injection", "TextInjection", "TextLayerInjection", "generate", "seed_list"]
 
 
 def seed_list(seeds: int | Sequence[int], n: int) -> list[int]:
@@ -34,13 +35,13 @@ def generate(
     guidance_scale: float | None = None,
     batch_size: int = 64,
     progress: bool = True,
-    inject: TextInjection | None = None,
+    inject: Injection | None = None,
 ) -> torch.Tensor:
     """Images for `prompts` as float (N, 3, H, W) in [0, 1], on the CPU. Steps and guidance default
     to `model.defaults`. Runs the raw pipeline, so an eraser switched on with `Eraser.applied` (or
-    any forward hook) takes effect. With `inject`, prompt i's cross-attention text in the chosen
-    blocks and steps is `inject.prompts[i]`'s (see `acterase_interp.injection`); both lists are
-    batched in lockstep."""
+    any forward hook) takes effect. With `inject` (a `TextInjection` or `TextLayerInjection`), prompt
+    i reads `inject.prompts[i]`'s text where the injection says (in the chosen blocks' cross-attention
+    or the chosen text-encoder layers); both lists are batched in lockstep."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise ValueError("no prompts given")
@@ -54,7 +55,7 @@ def generate(
     starts = range(0, len(prompts), batch_size)
     for start in tqdm(starts, desc="generate", disable=not progress or len(starts) == 1):
         chunk = slice(start, start + batch_size)
-        with nullcontext() if inject is None else injected(pipe, inject, inject.prompts[chunk]):
+        with nullcontext() if inject is None else inject.applied(pipe, inject.prompts[chunk], prompts[chunk]):
             images = pipe(
                 prompts[chunk],
                 num_inference_steps=num_inference_steps or d.num_inference_steps,

@@ -15,15 +15,36 @@ source's text states with the target's pooled embedding.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from diffusers import StableDiffusionXLPipeline
 
 from .patching import Window, count_steps
 from .sites import list_sites, select_sites
+
+
+class Injection(Protocol):
+    """What `generation.generate(..., inject=...)` takes: one donor prompt per generated prompt,
+    and the hooks that make the pipeline use them (`TextInjection`, `TextLayerInjection`)."""
+
+    prompts: tuple[str, ...]
+
+    def applied(self, pipe: Any, sources: Sequence[str], targets: Sequence[str]) -> AbstractContextManager[None]:
+        """Inside the block, a pipeline call on `targets` (a batch of the generated prompts) reads
+        `sources` (their donors, 1:1) where this injection says."""
+        ...
+
+
+def prompt_tuple(prompts: str | Sequence[str], what: str) -> tuple[str, ...]:
+    """`prompts` as a non-empty tuple of strings (one string: a tuple of one); `what` names the
+    injection in the error."""
+    prompts = (prompts,) if isinstance(prompts, str) else tuple(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} needs one or more source prompt strings, got {prompts!r}")
+    return prompts
 
 
 @dataclass(frozen=True)
@@ -40,10 +61,7 @@ class TextInjection:
     """Denoising steps [start, stop) of the injection; None: every step."""
 
     def __post_init__(self) -> None:
-        prompts = (self.prompts,) if isinstance(self.prompts, str) else tuple(self.prompts)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(f"TextInjection needs one or more source prompt strings, got {self.prompts!r}")
-        object.__setattr__(self, "prompts", prompts)
+        object.__setattr__(self, "prompts", prompt_tuple(self.prompts, "TextInjection"))
         if self.blocks is not None:
             object.__setattr__(self, "blocks", (self.blocks,) if isinstance(self.blocks, str) else tuple(self.blocks))
         if self.steps is not None:
@@ -51,6 +69,10 @@ class TextInjection:
             if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
                 raise ValueError(f"steps must be a window (start, stop) of ints with 0 <= start <= stop, got {self.steps}")
             object.__setattr__(self, "steps", (start, stop))
+
+    def applied(self, pipe: Any, sources: Sequence[str], targets: Sequence[str]) -> AbstractContextManager[None]:
+        """`injected(pipe, self, sources)`: the blocks read `sources` whatever the prompts are."""
+        return injected(pipe, self, sources)
 
 
 def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
