@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from acterase_interp import generation
-from acterase_interp.analysis import causal_sweep, layer_windows, layers_of, window_label
+from acterase_interp.analysis import causal_sweep, layer_windows, layers_of, sweep_families, text_layers, window_label
 from acterase_interp.analysis.causal import FIELDS
 from acterase_interp.analysis.figures import sweep_heatmap
 from acterase_interp.erase import EraseOptions, EraserFitter
@@ -188,6 +188,43 @@ def test_text_family_finds_the_carrier(one_block_model, classifier, pairs):
 def test_the_text_family_without_injection_is_a_clear_error(conceptworld, classifier, pairs):
     with pytest.raises(ImportError, match="TextInjection"):
         causal_sweep(conceptworld, classifier, pairs, "text", evaluation=EVALUATION, progress=False)
+
+
+def test_the_text_encoder_family_has_known_answers(conceptworld, classifier, pairs):
+    """Any text-encoder layer replaced at every token is the other prompt's encoding (later layers
+    compute from it): erasing gives the sources' images, so the sources' unpatched concept rate
+    (the restore evaluator's baseline), exactly, at every layer; restoring gives the targets'."""
+    def sweep(windows, direction):
+        return causal_sweep(conceptworld, classifier, pairs, "text_encoder", windows, directions=direction, seeds=(0,),
+                            evaluation=EVALUATION, progress=False)  # fmt: skip
+
+    erase = sweep(None, "erase")  # every layer alone
+    restore = sweep([("text_encoder.5",), ("text_encoder.1", "text_encoder.2")], "restore")
+    names = text_layers(conceptworld.pipeline)
+    assert [r["layer_label"] for r in erase] == names and names[-1] == "text_encoder.5"
+    assert [r["layer_label"] for r in restore] == ["text_encoder.5", "text_encoder.1-text_encoder.2"]
+    assert {r["concept_rate"] for r in erase} == {restore[0]["baseline_concept_rate"]}
+    assert {r["concept_rate"] for r in restore} == {erase[0]["baseline_concept_rate"]}
+    assert erase[0]["concept_drop"] > 0 and restore[0]["concept_drop"] > 0  # the pairs differ in the concept
+    for r in erase + restore:
+        assert r["family"] == "text_encoder" and (r["start"], r["stop"]) == (0, STEPS) and all(f in r for f in FIELDS)
+        assert r["damage"] is None and r["tau"] is None and r["layer_label"] == window_label(r["layers"])
+
+
+def test_bad_text_encoder_sweeps_are_clear_errors(conceptworld, classifier, pairs):
+    def sweep(windows, steps=None):
+        return causal_sweep(conceptworld, classifier, pairs, "text_encoder", windows, steps, evaluation=EVALUATION,
+                            progress=False)  # fmt: skip
+
+    with pytest.raises(ValueError, match=r"named <encoder>.<index>.*got \['up.1.0'\]"):
+        sweep([("up.1.0",)])
+    with pytest.raises(ValueError, match=r"text_encoder has 6 layers \(0 to 5\), got \[6\]"):
+        sweep([("text_encoder.5", "text_encoder.6")])
+    with pytest.raises(ValueError, match="no text encoder 'text_encoder_2'"):
+        sweep([("text_encoder_2.0",)])
+    with pytest.raises(ValueError, match="runs once per image, before denoising"):
+        sweep(None, [(0, 2), (2, STEPS)])
+    assert "text_encoder" in sweep_families()
 
 
 def test_a_process_pool_gives_the_serial_records(classifier, pairs):

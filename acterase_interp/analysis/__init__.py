@@ -11,6 +11,7 @@ only image generation is ever repeated.
 """
 
 from ..patching import count_steps, patched
+from ..text_layers import text_layers
 from .activations import collect_activations
 from .causal import causal_sweep, layer_windows, sweep_families, window_label
 from .dimensionality import (
@@ -116,6 +117,7 @@ __all__ = [
     "sweep_families",
     "tau_grid",
     "tau_sweep",
+    "text_layers",
     "to_dataframe",
     "token_grid",
     "top_directions",

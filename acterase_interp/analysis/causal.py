@@ -4,10 +4,16 @@ that families and layers compare fairly.
 
 - `erase`: the pairs' target prompts, with the sources' values in the window. Activation families
   (`ffn_hidden`, `attn2_out`, ...: any site kind) use the fit's eraser restricted to the window's
-  blocks; `text` injects each pair's source prompt into the window's blocks' cross-attention.
+  blocks; `text` injects each pair's source prompt into the window's blocks' cross-attention;
+  `text_encoder` gives the targets the sources' hidden states at the window's text-encoder layers.
 - `restore`: the pairs' source prompts, with the concept's values only in the window: the same
   masks holding the target's mean activations (`FitStatistics.eraser(values="target")`), or each
-  pair's target prompt injected.
+  pair's target prompt injected (its text, or its text-encoder states).
+
+Layer windows are UNet block names for every family but `text_encoder`, whose windows are layers
+of one text encoder named `<encoder>.<index>` (`text_encoder.3`; SDXL's second encoder
+`text_encoder_2.3`; `text_layers(pipe)` lists them). The text encoder runs once per image, before
+denoising, so that family is swept over the whole run only.
 
 `concept_drop` is positive when the window carries the concept, in either direction. Statistics
 are fitted once per family (or given) and reused by every cell; the cells run through
@@ -25,6 +31,7 @@ from ..erase._util import site_table
 from ..executor import Executor, require_spec, resolve, run_cells
 from ..patching import Window, unet_of
 from ..sites import SITE_KINDS, UNET_OUT, select_sites
+from ..text_layers import TextLayerInjection, encoder_layers, parse_text_layers, text_layers
 from .evaluation import Evaluator
 from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, seed_summary
 from .records import Record
@@ -34,6 +41,10 @@ if TYPE_CHECKING:
 
 TEXT = "text"
 """The text-injection family: a prompt's text embedding swapped in a window of blocks' cross-attention."""
+TEXT_ENCODER = "text_encoder"
+"""The text-encoder family: a prompt's hidden states swapped at a window of text-encoder layers."""
+INJECTIONS = (TEXT, TEXT_ENCODER)
+"""The families measured by injecting the paired prompt (`InjectionMeasure`), not by an eraser."""
 
 FIELDS: tuple[str, ...] = tuple(
     f"{key}{suffix}" for key in ("concept_rate", "baseline_concept_rate", "concept_drop", "damage", "preservation", "image_distance")
@@ -43,8 +54,8 @@ FIELDS: tuple[str, ...] = tuple(
 
 
 def sweep_families() -> tuple[str, ...]:
-    """The families a sweep can patch: every site kind of the transformer blocks, and `text`."""
-    return (*(k for k in SITE_KINDS if k != UNET_OUT), TEXT)
+    """The families a sweep can patch: every site kind of the transformer blocks, `text` and `text_encoder`."""
+    return (*(k for k in SITE_KINDS if k != UNET_OUT), *INJECTIONS)
 
 
 def layer_windows(blocks: Sequence[str], width: int = 1, stride: int | None = None) -> list[tuple[str, ...]]:
@@ -77,20 +88,28 @@ def _text_injection() -> type:
 
 @dataclass(frozen=True, eq=False)  # holds an evaluator: equality is identity
 class InjectionMeasure:
-    """The `text` family's measure for `causal_map`: every prompt of `evaluator`'s one prompt set
-    generated with its own `donors` prompt injected into the window's blocks during the window of
-    steps, scored on every seed (`seed_summary`). A dataclass so it pickles."""
+    """The measure of an injection family for `causal_map`: every prompt of `evaluator`'s one
+    prompt set generated with its own `donors` prompt injected, scored on every seed
+    (`seed_summary`). `text`: into the window's blocks' cross-attention during the window of steps;
+    `text_encoder`: at the window's text-encoder layers. A dataclass so it pickles."""
 
     evaluator: Evaluator
     donors: tuple[str, ...]
     """One injected prompt per generated image, in the evaluator's order."""
     seeds: tuple[int, ...]
     direction: str
+    family: str = TEXT
 
     def __call__(self, layer: str | Sequence[str], window: Window) -> Record:
-        injection = _text_injection()(prompts=list(self.donors), blocks=_blocks(layer), steps=tuple(window))
-        rows = [self.evaluator(None, s, inject=injection) for s in self.seeds]
+        rows = [self.evaluator(None, s, inject=self.injection(layer, window)) for s in self.seeds]
         return {"tau": None, "seeds": list(self.seeds), "concept": self.evaluator.concept} | seed_summary(rows, self.direction)
+
+    def injection(self, layer: str | Sequence[str], window: Window) -> Any:
+        """The injection of one cell (the text encoder runs before denoising: `window` is the whole run)."""
+        if self.family == TEXT_ENCODER:
+            encoder, indices = parse_text_layers(_blocks(layer))
+            return TextLayerInjection(self.donors, indices, encoder)
+        return _text_injection()(prompts=list(self.donors), blocks=_blocks(layer), steps=tuple(window))
 
 
 def _check(model: Any, family: str, windows: Sequence[tuple[str, ...]], steps: Sequence[Window], n: int) -> None:
@@ -99,15 +118,29 @@ def _check(model: Any, family: str, windows: Sequence[tuple[str, ...]], steps: S
         raise ValueError(f"unknown family {family!r}; choose from {sweep_families()}")
     if not windows or not steps:
         raise ValueError(f"family {family!r}: the sweep needs at least one layer window and one step window")
-    kind = "attn2_out" if family == TEXT else family  # text enters every block through its cross-attention
-    table = site_table(unet_of(model))
-    for w in windows:
-        if not w:
-            raise ValueError(f"family {family!r}: an empty layer window patches nothing")
-        select_sites(table, kind, list(w))  # unknown blocks: a clear error naming the known ones
     for start, stop in steps:
         if not 0 <= start < stop <= n:
             raise ValueError(f"step window ({start}, {stop}) is not inside the {n} denoising steps")
+    if any(not w for w in windows):
+        raise ValueError(f"family {family!r}: an empty layer window patches nothing")
+    if family == TEXT_ENCODER:
+        _check_text_layers(model, windows, steps, n)
+        return
+    kind = "attn2_out" if family == TEXT else family  # text enters every block through its cross-attention
+    table = site_table(unet_of(model))
+    for w in windows:
+        select_sites(table, kind, list(w))  # unknown blocks: a clear error naming the known ones
+
+
+def _check_text_layers(model: Any, windows: Sequence[tuple[str, ...]], steps: Sequence[Window], n: int) -> None:
+    if [tuple(s) for s in steps] != [(0, n)]:
+        raise ValueError(f"family {TEXT_ENCODER!r}: the text encoder runs once per image, before denoising; sweep it "
+                         f"over the whole run (step_windows=None or [(0, {n})]), not {list(steps)}")  # fmt: skip
+    for w in windows:
+        encoder, indices = parse_text_layers(w)
+        count = len(encoder_layers(model.pipeline, encoder))
+        if bad := [i for i in indices if i >= count]:
+            raise ValueError(f"family {TEXT_ENCODER!r}: {encoder} has {count} layers (0 to {count - 1}), got {bad}")
 
 
 def _fit(model: Any, pairs: PromptPairs, family: str, options: EraseOptions, restorable: bool,
@@ -144,8 +177,9 @@ def causal_sweep(
 ) -> list[Record]:
     """One record per (family, layer window, step window, direction): see the module docstring.
 
-    `layer_windows`: tuples of block names patched together (`layer_windows(layers_of(stats), 2)`);
-    None: every block of the family alone. `step_windows`: (start, stop) denoising steps
+    `layer_windows`: tuples of block names patched together (`layer_windows(layers_of(stats), 2)`;
+    for `text_encoder`, of text-encoder layer names: `layer_windows(text_layers(pipe), 2)`);
+    None: every block (text-encoder layer) of the family alone. `step_windows`: (start, stop) denoising steps
     (`step_windows(n, width)`); None: the whole run. Activation families are fitted once each with
     `options` (default `EraseOptions()` at the evaluation's step count) unless `statistics[family]`
     is given; `tau` (None: the fit's) and `overrides` (e.g. `granularity="unit"`) build the
@@ -170,7 +204,7 @@ def causal_sweep(
     blocks = list(dict.fromkeys(s.block for s in select_sites(site_table(unet_of(loaded)), "attn2_out")))
     windows = [tuple(w) for w in layer_windows] if layer_windows is not None else None
     for family in families:
-        _check(loaded, family, windows if windows is not None else [(b,) for b in blocks], steps, n)
+        _check(loaded, family, windows if windows is not None else _one_by_one(family, None, blocks, loaded), steps, n)
     if TEXT in families:
         _text_injection()
     if executor is not None:
@@ -179,14 +213,14 @@ def causal_sweep(
     options = options or EraseOptions(num_inference_steps=evaluation.get("num_inference_steps"))
     given = statistics or {}
     fits = {f: _given(given[f], f, pairs) if f in given else _fit(loaded, pairs, f, options, "restore" in directions, progress)
-            for f in families if f != TEXT}  # fmt: skip
+            for f in families if f not in INJECTIONS}  # fmt: skip
     evaluators = _Evaluators(model, classifier, pairs, evaluation)
     cells = []
     for family in families:
         for direction in directions:
             measure = _measure(family, direction, fits.get(family), evaluators, tau, seeds, overrides)
             meta = {"family": family, "direction": direction, "eval_options": dict(measure.evaluator.options)}
-            own = windows if windows is not None else [(b,) for b in _family_blocks(fits.get(family), blocks)]
+            own = windows if windows is not None else _one_by_one(family, fits.get(family), blocks, loaded)
             for w in own if family in fits else ():
                 fits[family].sites_in(w)  # blocks outside the fit: a clear error before any cell runs
             cells += [(measure, w, s, meta) for w in own for s in steps]
@@ -194,14 +228,17 @@ def causal_sweep(
     return [_tidy(r) for r in rows]
 
 
-def _family_blocks(statistics: FitStatistics | None, blocks: list[str]) -> list[str]:
-    """The blocks a family patches one at a time by default: the fitted ones, or every block."""
-    return blocks if statistics is None else list(dict.fromkeys(s.block for s in statistics.sites))
+def _one_by_one(family: str, statistics: FitStatistics | None, blocks: list[str], model: Any) -> list[tuple[str, ...]]:
+    """The layers a family patches one at a time by default: every text-encoder layer (of every
+    encoder), the fitted blocks, or every block."""
+    if family == TEXT_ENCODER:
+        return [(name,) for name in text_layers(model.pipeline)]
+    return [(b,) for b in (blocks if statistics is None else dict.fromkeys(s.block for s in statistics.sites))]
 
 
 class _Evaluators:
     """The sweep's evaluators, built on first use and shared, so each unpatched run happens once:
-    targets with the non-target prompts (erasing sites), targets alone (erasing text), sources
+    targets with the non-target prompts (erasing sites), targets alone (injection families), sources
     alone (restoring)."""
 
     def __init__(self, model: Any, classifier: Any, pairs: PromptPairs, evaluation: dict) -> None:
@@ -226,7 +263,7 @@ def _measure(
     overrides: dict,
 ) -> Any:
     """The `causal_map` measure of one (family, direction)."""
-    if family != TEXT:
+    if family not in INJECTIONS:
         evaluator = evaluators(direction)
         tau = statistics.options.tau if tau is None else tau
         return eraser_measure(statistics, evaluator, tau, seeds, direction, **overrides)
@@ -234,7 +271,7 @@ def _measure(
     p = evaluators.pairs
     donors = p.sources if direction == "erase" else p.targets
     repeat = evaluator.options["images_per_prompt"]
-    return InjectionMeasure(evaluator, tuple(d for d in donors for _ in range(repeat)), tuple(seeds), direction)
+    return InjectionMeasure(evaluator, tuple(d for d in donors for _ in range(repeat)), tuple(seeds), direction, family)
 
 
 def _tidy(row: Record) -> Record:

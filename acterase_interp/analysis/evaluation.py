@@ -131,8 +131,9 @@ class Evaluator:
         self, prompts: Sequence[str], seed: int, patch: Patch | None = None, steps: Window | None = None, inject: Any = None
     ) -> torch.Tensor:
         """Images of `prompts` for evaluation seed `seed`, with `patch` on (during `steps`) and
-        `inject` (a `generation.TextInjection`, one injected prompt per prompt) passed to `generate`."""
-        extra = {} if inject is None else {"inject": inject}  # generate takes `inject` only with text injection
+        `inject` (a `generation.TextInjection` or `TextLayerInjection`, one injected prompt per
+        prompt) passed to `generate`."""
+        extra = {} if inject is None else {"inject": inject}  # generate takes `inject` only with an injection
         with patched(self.model, patch, steps):
             return generate(self.model, list(prompts), seeds=image_seeds("evaluation", len(prompts), replicate=seed),
                             num_inference_steps=self.options["num_inference_steps"],
@@ -141,7 +142,7 @@ class Evaluator:
 
     def _run(self, seed: int, patch: Patch | None, steps: Window | None, inject: Any = None) -> dict[str, Any]:
         if inject is not None and sum(bool(p) for p in self.sets.values()) != 1:
-            raise ValueError("a text injection pairs one injected prompt with each prompt: evaluate one prompt set")
+            raise ValueError("an injection pairs one injected prompt with each prompt: evaluate one prompt set")
         out: dict[str, Any] = {}
         for name, prompts in self.sets.items():
             if prompts:
