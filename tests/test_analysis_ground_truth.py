@@ -69,7 +69,7 @@ def test_markdown_table():
     lines = table.splitlines()
     assert lines[2] == "| heart | ffn_units: a | ffn_hidden | a (1.00 / 1.00) | a (1.00 / 1.00) | 0.750 |"
     assert lines[3] == "| heart | ffn_units: a | text | n/a | a (1.00 / 1.00) | 0.250 |"  # text has no difference map
-    assert "families by best drop ffn_hidden (a: 0.750) > text (a: 0.250); planted (ffn_hidden) first" in table
+    assert "families by best drop: ffn_hidden (a: 0.750), text (a: 0.250); planted (ffn_hidden) first" in table
     assert "planted units of 'heart': tau 0.01: 0.500" in table
 
 

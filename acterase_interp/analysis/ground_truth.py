@@ -175,10 +175,10 @@ def markdown_table(result: dict) -> str:
     lines.append("")
     for c in result["concepts"]:
         rank = c["family_rank"]
-        order = " > ".join(f"{r['family']} ({r['block']}: {r['concept_drop']:.3f})" if r["block"] else r["family"]
+        order = ", ".join(f"{r['family']} ({r['block']}: {r['concept_drop']:.3f})" if r["block"] else r["family"]
                            for r in rank["ranks"])  # fmt: skip
         verdict = {True: "first", False: "not first", None: "not ranked"}[rank["planted_first"]]
-        lines.append(f"- {c['concept']!r}: families by best drop {order}; planted "
+        lines.append(f"- {c['concept']!r}: families by best drop: {order}; planted "
                      f"({', '.join(rank['planted_families']) or 'none scored'}) {verdict}")  # fmt: skip
     for c in result["concepts"]:
         if "unit_iou" in c:
