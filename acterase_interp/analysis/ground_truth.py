@@ -202,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/ground_truth.json"))
     args = parser.parse_args(argv)
     model = Spec.of(load, args.model)
-    classifier = Spec.of(ConceptClassifier.load, conceptworld_dir() / "classifier")
+    classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
     kwargs = {"families": tuple(args.families), "n_pairs": args.n_pairs, "seeds": tuple(args.seeds),
               "num_inference_steps": args.steps}
     if args.workers:
