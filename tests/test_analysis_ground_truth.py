@@ -50,8 +50,10 @@ def test_precision_recall_and_unit_iou():
     assert precision_recall(["b", "d", "a"], ["b", "d"], k=3)["precision"] == pytest.approx(2 / 3)
     with pytest.raises(ValueError, match="no ground-truth"):
         precision_recall(["a"], [])
-    sites = [Site("x.ff", "ffn_hidden", "x", "", "input", None, (1, 4)), Site("y.attn", "attn2_out", "y", "", "output", None, (1, 4))]
-    masks = {"x.ff": torch.tensor([[[True, True, False, False]], [[False, False, True, False]]]), "y.attn": torch.ones(1, 1, 4, dtype=torch.bool)}
+    sites = [Site("x.ff", "ffn_hidden", "x", "", "input", None, (1, 4)),
+             Site("y.attn", "attn2_out", "y", "", "output", None, (1, 4))]
+    masks = {"x.ff": torch.tensor([[[True, True, False, False]], [[False, False, True, False]]]),
+             "y.attn": torch.ones(1, 1, 4, dtype=torch.bool)}
     # on: x units 0, 1, 2 (any step); planted: x 2, 3 -> 1 shared of 4; attn2 sites never count
     assert unit_iou(masks, {"x": [2, 3]}, sites) == pytest.approx(1 / 4)
 
