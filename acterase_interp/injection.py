@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-from diffusers import StableDiffusionXLPipeline
 
 from .patching import Window, count_steps
 from .sites import list_sites, select_sites
@@ -78,10 +77,9 @@ class TextInjection:
 def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
     """The conditional text states (prompts, tokens, width) that `pipe` feeds its UNet for
     `prompts`, by the pipeline's own `encode_prompt` (SDXL: both encoders, concatenated)."""
-    device = pipe._execution_device
-    if isinstance(pipe, StableDiffusionXLPipeline):
-        return pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)[0]
-    return pipe.encode_prompt(prompts, device, 1, False)[0]
+    # by keyword: SDXL's second positional argument is prompt_2
+    return pipe.encode_prompt(prompt=prompts, device=pipe._execution_device, num_images_per_prompt=1,
+                              do_classifier_free_guidance=False)[0]
 
 
 def _swap_conditional(states: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
