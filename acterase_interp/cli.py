@@ -114,7 +114,8 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--concepts", nargs="+", default=list(TableSpec.concepts), help="default: triangle red dots")
     ev.add_argument("--methods", nargs="+", default=list(TableSpec.methods), choices=list(METHODS))
     ev.add_argument("--seeds", type=int, nargs="+", default=list(TableSpec.seeds), help="default: 0 1 2")
-    ev.add_argument("--out", default="runs/evaluation", help="folder for results.json and table.md")
+    ev.add_argument("--out", default="runs/evaluation", help="folder for results.json, table.md and cells/ (finished cells, "
+                    "read back when the same command runs again)")
     ev.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     ev.add_argument("--tau", type=_tau, default="auto", help="ActErase's tau (default: auto)")
     for name in ("n_pairs", "n_images", "search_prompts", "search_tokens", "search_iterations", "search_candidates",
@@ -226,13 +227,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     model = Spec.of(load, args.model)
     classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    out = Path(args.out)
+    checkpoints = out / "cells"  # each finished (concept, seed) lands here: a stopped run resumes
     if args.workers:
         with one_thread_processes(args.workers) as pool:
-            result = run_table(model, classifier, spec, executor=pool)
+            result = run_table(model, classifier, spec, executor=pool, checkpoints=checkpoints)
     else:
-        result = run_table(model, classifier, spec)
+        result = run_table(model, classifier, spec, checkpoints=checkpoints)
     result["manifest"]["command"] = command_line(spec, args.model) + (f" --workers {args.workers}" if args.workers else "")
-    out = Path(args.out)
     atomic_write_json(result, out / "results.json")
     table = markdown(result)
     atomic_write_text(table, out / "table.md")

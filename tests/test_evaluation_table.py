@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shlex
+from dataclasses import replace
 
 import pytest
 
@@ -22,6 +23,7 @@ def test_evaluate_command_writes_json_markdown_and_manifest(tmp_path, capsys):
     assert result["format"] == "acterase-evaluation/1"
     assert [(r["method"], r["seed"]) for r in result["rows"]] == [("unerased", 0), ("uce", 0)]
     assert len(result["summary"]) == 2 and "| triangle | uce |" in table and "| triangle | unerased |" in table
+    assert json.loads((tmp_path / "cells" / "triangle-seed0.json").read_text())["rows"] == result["rows"]
     unerased = result["rows"][0]
     assert unerased["preservation"] == 1.0 and unerased["image_distance"] == 0.0  # the reference against itself
     for row in result["rows"]:
@@ -97,8 +99,35 @@ def test_the_table_on_worker_processes_equals_the_serial_run():
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert [(r["seed"], r["method"]) for r in parallel["rows"]] == [(0, "unerased"), (0, "negative_prompt"),
                                                                     (1, "unerased"), (1, "negative_prompt")]  # fmt: skip
-    assert strip(parallel["rows"]) == strip(serial["rows"]) and parallel["records"] == serial["records"]
+    records = lambda result: [{k: v for k, v in r.items() if k != "seconds"} for r in result["records"]]  # noqa: E731
+    assert strip(parallel["rows"]) == strip(serial["rows"]) and records(parallel) == records(serial)
     assert parallel["manifest"]["executor"] == "ProcessPoolExecutor" and serial["manifest"]["executor"] is None
+
+
+def test_a_stopped_table_resumes_from_its_finished_cells(tmp_path, monkeypatch):
+    from acterase_interp.evaluation import table
+    from acterase_interp.loading import CONCEPTWORLD, conceptworld_dir, load
+    from acterase_interp.world.classifier import ConceptClassifier
+
+    ran = []
+
+    def fake_cell(model, classifier, concept, seed, spec, steps):
+        ran.append((concept, seed))
+        return [{"concept": concept, "method": "unerased", "seed": seed, "target_rate": 0.5 + seed}], {"concept": concept, "seed": seed}
+
+    monkeypatch.setattr(table, "_run_seed", fake_cell)
+    model, classifier = load("conceptworld"), ConceptClassifier.load(str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    spec = TableSpec(concepts=("triangle", "red"), methods=("unerased",), seeds=(0, 1))
+    first = table.run_table(model, classifier, spec, checkpoints=tmp_path, progress=False)
+    assert ran == [("triangle", 0), ("triangle", 1), ("red", 0), ("red", 1)] and first["manifest"]["resumed"] == []
+    (tmp_path / "red-seed1.json").unlink()  # as if the run had stopped before its last cell
+    ran.clear()
+    again = table.run_table(model, classifier, spec, checkpoints=tmp_path, progress=False)
+    assert ran == [("red", 1)] and len(again["manifest"]["resumed"]) == 3
+    assert again["rows"] == first["rows"] and [r["seed"] for r in again["records"]] == [0, 1, 0, 1]
+    ran.clear()  # other budgets: every cell is stale and measured again
+    table.run_table(model, classifier, replace(spec, n_images=4), checkpoints=tmp_path, progress=False)
+    assert len(ran) == 4
 
 
 def _summary_row(concept, method, rate, kept, sem=0.01):

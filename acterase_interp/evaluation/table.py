@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..erase.options import EraseOptions
 from ..executor import Executor, require_spec, resolve, run_cells
+from ..io import atomic_write_json
 from ..loading import architecture_hash
 from ..metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
 from ..provenance import git_commit, library_versions
@@ -46,6 +47,7 @@ from .core import SEED_OFFSETS, image_seeds, preservation
 from .prompts import conceptworld_prompt_sets
 
 FORMAT = "acterase-evaluation/1"
+CELL_FORMAT = "acterase-evaluation-cell/1"
 COLUMNS: tuple[str, ...] = ("target_rate", "paraphrase_rate", "zero_shot_rate", "search_asr", "inversion_asr",
                             "preservation", "image_distance", "fit_s")  # fmt: skip
 TITLES: dict[str, str] = {"target_rate": "erasure: target rate", "paraphrase_rate": "paraphrase rate",
@@ -153,6 +155,39 @@ def _run_seed(model: Any, classifier: Any, concept: str, seed: int, spec: TableS
     return rows, record
 
 
+def _cell_key(spec: TableSpec, steps: int, hashes: dict) -> str:
+    """What a finished (concept, seed) cell depends on besides its concept and seed: every
+    budget, the methods, the step count and the weights. A checkpoint with another key is stale."""
+    fields = {k: v for k, v in spec.to_dict().items() if k not in ("concepts", "seeds")}
+    return hashlib.sha256(json.dumps({"spec": fields, "steps": steps, **hashes}, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _cell_path(folder: Path, concept: str, seed: int) -> Path:
+    return Path(folder) / f"{concept}-seed{seed}.json"
+
+
+def _run_cell(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int,
+              folder: Path | None, key: str) -> tuple[list[dict], dict]:
+    """`_run_seed`, then (with `folder`) its result written at once, so a stopped run resumes."""
+    start = time.perf_counter()
+    rows, record = _run_seed(model, classifier, concept, seed, spec, steps)
+    record["seconds"] = time.perf_counter() - start
+    if folder is not None:
+        atomic_write_json({"format": CELL_FORMAT, "key": key, "rows": rows, "record": record},
+                          _cell_path(folder, concept, seed))  # fmt: skip
+    return rows, record
+
+
+def _finished(folder: Path | None, concept: str, seed: int, key: str) -> tuple[list[dict], dict] | None:
+    path = None if folder is None else _cell_path(folder, concept, seed)
+    if path is None or not path.is_file():
+        return None
+    cell = json.loads(path.read_text())
+    if cell.get("format") != CELL_FORMAT or cell.get("key") != key:
+        return None  # another spec or other weights: measured again, and overwritten
+    return cell["rows"], cell["record"]
+
+
 def _value(row: dict, column: str) -> float | None:
     v = row.get(column)
     return v["value"] if isinstance(v, dict) else v
@@ -232,7 +267,7 @@ def markdown(result: dict) -> str:
     lines += ["", f"Means over seeds {list(m['spec']['seeds'])} (± standard error); {m['spec']['n_images']} images per prompt "
               f"set and seed, {m['num_inference_steps']} denoising steps, guidance {m['guidance_scale']}; seed offsets "
               f"{m['seed_offsets']}; a decision is the classifier's argmax. Model {m['model']['architecture_hash']}, "
-              f"{m['seconds']:.0f} s in all."]  # fmt: skip
+              f"{m.get('cell_seconds', m['seconds']):.0f} s of cell time."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -249,42 +284,54 @@ def command_line(spec: TableSpec, model: str = "conceptworld") -> str:
 
 
 def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, executor: Executor | None = None,
-              progress: bool = True) -> dict:
+              checkpoints: str | os.PathLike | None = None, progress: bool = True) -> dict:
     """Every method on every concept and seed of `spec` (see the module docstring). Returns a
     JSON-ready dict: "format", "rows" (one per concept, method and seed), "summary" (seed means),
     "records" (per concept and seed: prompts, their hashes, evaluation seeds) and "manifest".
 
     With `executor` (worker processes with one thread each, see `executor.run_cells`) every
     (concept, seed) runs on a worker; `model` and `classifier` must then be `Spec`s. `fit_s` is
-    the wall time on whichever worker ran the cell."""
+    the wall time on whichever worker ran the cell.
+
+    With `checkpoints` (a folder), each finished (concept, seed) cell is written there as it ends,
+    and cells already there with the same budgets, methods and weights are read instead of run:
+    a stopped table resumes where it stopped. `manifest["resumed"]` lists the cells read back."""
     from ..demo import weights_hash
 
     if executor is not None:
         require_spec(model, "model")
         require_spec(classifier, "classifier")
     start = time.perf_counter()
-    local_model = resolve(model)
+    local_model, local_classifier = resolve(model), resolve(classifier)
+    pipe = local_model.pipeline
     steps = spec.num_inference_steps or local_model.defaults.num_inference_steps
-    cells = [(model, classifier, c, s, spec, steps) for c in spec.concepts for s in spec.seeds]
+    hashes = {"architecture_hash": architecture_hash(pipe),
+              "weights_hash": weights_hash(pipe.unet, pipe.text_encoder, pipe.vae),
+              "classifier_hash": weights_hash(local_classifier)}  # fmt: skip
+    key, folder = _cell_key(spec, steps, hashes), None if checkpoints is None else Path(checkpoints)
+    order = [(c, s) for c in spec.concepts for s in spec.seeds]
+    done = {cs: cell for cs in order if (cell := _finished(folder, *cs, key)) is not None}
+    todo = [cs for cs in order if cs not in done]
+    cells = [(model, classifier, c, s, spec, steps, folder, key) for c, s in todo]
+    measured = dict(zip(todo, run_cells(_run_cell, cells, executor, desc="evaluate", progress=progress)))
     rows, records = [], []
-    for r, rec in run_cells(_run_seed, cells, executor, desc="evaluate", progress=progress):
+    for cs in order:
+        r, rec = done.get(cs) or measured[cs]
         rows += r
         records.append(rec)
-    model, classifier = local_model, resolve(classifier)
-    pipe = model.pipeline
     manifest = {
         "spec": spec.to_dict(),
         "num_inference_steps": steps,
-        "guidance_scale": model.defaults.guidance_scale,
+        "guidance_scale": local_model.defaults.guidance_scale,
         "seed_offsets": SEED_OFFSETS,
         "decision": "classifier argmax per factor",
-        "model": {"architecture_hash": architecture_hash(pipe),
-                  "weights_hash": weights_hash(pipe.unet, pipe.text_encoder, pipe.vae),
-                  "classifier_hash": weights_hash(classifier)},  # fmt: skip
+        "model": hashes,
         "versions": library_versions(),
         "git_commit": git_commit(),
         "executor": None if executor is None else type(executor).__name__,
+        "resumed": [{"concept": c, "seed": s} for c, s in done],
         "seconds": time.perf_counter() - start,
+        "cell_seconds": sum(rec["seconds"] for rec in records),
     }
     return {"format": FORMAT, "rows": rows, "summary": summarize(rows), "records": records, "manifest": manifest}
 
