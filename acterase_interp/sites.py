@@ -1,4 +1,5 @@
-"""Intervention sites: named places in the UNet where activations are recorded and patched.
+"""Intervention sites: named places in the UNet and the text encoders where activations are
+recorded and patched.
 
 Each UNet transformer block offers seven sites, named `<block>.<kind>`, in execution order:
 
@@ -17,6 +18,12 @@ their names have none). A block name or prefix (`down`, `up.0`, `mid.0`, `down.2
 Sites are listed in execution order, which nnsight requires within a denoising step, with shapes
 measured by one forward pass.
 
+The text encoders offer one more kind, `text_layer`: the output of one transformer layer, named
+`text_encoder.<i>` (SDXL's second encoder: `text_encoder_2.<i>`) as in `text_layers`, one row per
+text token. Its `Site.component` is the encoder (every other site's is `unet`), its block is its own
+name, so `blocks=("text_encoder",)` selects every layer of the encoder and `("text_encoder.5",)`
+one. `text_layers.text_layer_sites` lists them; the encoders run before the denoising loop.
+
 Only `ffn_hidden` is read by a Linear (`ff.net.2`), whose weight weighs Eq. 4's importance; the
 other kinds are read by attention, a LayerNorm or a residual sum, so their importance is |x|.
 """
@@ -29,9 +36,13 @@ import torch
 from diffusers import UNet2DConditionModel
 
 SITE_KINDS: tuple[str, ...] = (
-    "attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out", "unet_out"
+    "text_layer", "attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out", "unet_out"
 )  # fmt: skip
 UNET_OUT = "unet_out"
+TEXT_LAYER = "text_layer"
+"""The kind of a text-encoder layer's output, the one kind outside the UNet."""
+UNET = "unet"
+"""The `Site.component` of every UNet site."""
 TEXT_TOKEN_KINDS: tuple[str, ...] = ("attn2_k", "attn2_v")
 """Kinds whose tokens are the prompt's text tokens rather than latent pixels."""
 TEXT_TOKENS = 77
@@ -57,23 +68,26 @@ same names are prefixes of `up.1.1.t0-t1` and `up.1.2.t0-t1`, which LocoGen did 
 
 @dataclass(frozen=True)
 class Site:
-    """One intervention site of a UNet."""
+    """One intervention site of a UNet or of a pipeline's text encoder."""
 
     name: str
     """Human name, e.g. `down.1.0.ffn_hidden` or `unet_out`."""
     kind: str
     """One of `SITE_KINDS`."""
     block: str
-    """The transformer block (`down.1.0`, `mid.0`, `up.1.2`), or `unet` for `unet_out`."""
+    """The transformer block (`down.1.0`, `mid.0`, `up.1.2`), `unet` for `unet_out`, or the site's
+    own name for a `text_layer` (`text_encoder.5`)."""
     module_path: str
-    """Dotted path of the module inside the UNet ("" for the UNet itself)."""
+    """Dotted path of the module inside its `component` ("" for the UNet itself)."""
     io: str
     """Whether the site is the module's `input` or its `output`."""
     reader_path: str | None
     """Dotted path of the Linear whose weight reads the site (importance I = W·|x|), or None."""
     shape: tuple[int, ...]
     """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`;
-    tokens are latent pixels, or text tokens for `TEXT_TOKEN_KINDS`."""
+    tokens are latent pixels, or text tokens for `TEXT_TOKEN_KINDS` and `text_layer`."""
+    component: str = UNET
+    """The pipeline attribute holding the module: `unet`, or `text_encoder` / `text_encoder_2`."""
 
 
 def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
@@ -157,16 +171,18 @@ def select_sites(
     bad = [k for k in kinds if k not in SITE_KINDS]
     if bad:
         raise ValueError(f"unknown site kind(s) {bad}; choose from {SITE_KINDS}")
-    known_blocks = list(dict.fromkeys(s.block for s in sites if s.kind != UNET_OUT))
+    known_blocks = list(dict.fromkeys(s.block for s in sites if s.kind not in (UNET_OUT, TEXT_LAYER)))
+    known_layers = list(dict.fromkeys(s.block for s in sites if s.kind == TEXT_LAYER))
 
     def wanted(block: str) -> bool:
         return blocks is None or any(block == b or block.startswith(b + ".") for b in blocks)
 
     if blocks is not None:
-        missing = [b for b in blocks if not any(k == b or k.startswith(b + ".") for k in known_blocks)]
+        missing = [b for b in blocks if not any(k == b or k.startswith(b + ".") for k in known_blocks + known_layers)]
         if missing:
+            text = f"; text-encoder layers {_fold_text(known_layers)}" if known_layers else ""
             raise ValueError(
-                f"unknown block(s) {missing}; this UNet has {_fold_layers(known_blocks)} (or prefixes down/mid/up)"
+                f"unknown block(s) {missing}; this UNet has {_fold_layers(known_blocks)} (or prefixes down/mid/up){text}"
             )
     return [s for s in sites if s.kind in kinds and (s.kind == UNET_OUT or wanted(s.block))]
 
@@ -181,6 +197,15 @@ def _fold_layers(blocks: list[str]) -> str:
         else:
             folded[block] = []
     return ", ".join(f"{k}.{v[0]}-{v[-1]}" if v else k for k, v in folded.items())  # suffixed layers come 2+
+
+
+def _fold_text(layers: list[str]) -> str:
+    """Text-encoder layers for a message, folded per encoder: `text_encoder.0-11`."""
+    per: dict[str, list[str]] = {}
+    for layer in layers:
+        encoder, _, i = layer.rpartition(".")
+        per.setdefault(encoder, []).append(i)
+    return ", ".join(f"{e}.{v[0]}-{v[-1]}" if len(v) > 1 else f"{e}.{v[0]}" for e, v in per.items())
 
 
 def site_by_name(sites: list[Site], name: str) -> Site:

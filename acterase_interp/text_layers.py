@@ -13,6 +13,7 @@ Layers are named `<encoder>.<index>` in sweeps (`text_encoder.3`, SDXL's second 
 `text_encoder_2.3`), indices counting from 0 in execution order. Known answers (tested): SD 1.x/2.x
 feed the UNet the final layer norm of the last layer's output and ConceptWorld's BERT the last
 layer's output itself, so replacing the last layer at every token is the donor's image exactly.
+The same layers are `text_layer` intervention sites (`text_layer_sites`) for fitting and erasing.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from typing import Any
 import torch
 
 from .injection import encode_prompts, prompt_tuple
+from .patching import unwrap
+from .sites import TEXT_LAYER, Site
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 """The pipeline attributes that hold text encoders (SD: the first; SDXL: both)."""
@@ -68,26 +71,57 @@ def _indices(values: int | Sequence[int], what: str) -> tuple[int, ...]:
     return values
 
 
-def encoder_layers(pipe: Any, encoder: str = "text_encoder") -> torch.nn.ModuleList:
-    """The transformer layers of `pipe`'s text encoder `encoder`, in execution order: CLIP's
-    `encoder.layers` (or `text_model.encoder.layers`) or BERT's `encoder.layer`."""
+def layers_path(pipe: Any, encoder: str = "text_encoder") -> str:
+    """The dotted path of `encoder`'s layer list inside the encoder, one of `LAYER_PATHS`."""
     module = getattr(pipe, encoder, None) if encoder in ENCODERS else None
     if module is None:
         have = [e for e in ENCODERS if getattr(pipe, e, None) is not None]
         raise ValueError(f"this pipeline has no text encoder {encoder!r}; it has {have}")
     for path in LAYER_PATHS:
         try:
-            return module.get_submodule(path)
+            module.get_submodule(path)
         except AttributeError:
             continue
+        return path
     raise TypeError(f"{encoder} is a {type(module).__name__}; layer injection knows CLIP and BERT encoders, whose "
                     f"layers are at one of {list(LAYER_PATHS)}")  # fmt: skip
+
+
+def encoder_layers(pipe: Any, encoder: str = "text_encoder") -> torch.nn.ModuleList:
+    """The transformer layers of `pipe`'s text encoder `encoder`, in execution order: CLIP's
+    `encoder.layers` (or `text_model.encoder.layers`) or BERT's `encoder.layer`."""
+    path = layers_path(pipe, encoder)  # first: a clear error for a missing encoder
+    return getattr(pipe, encoder).get_submodule(path)
 
 
 def text_layers(pipe: Any, encoder: str | None = None) -> list[str]:
     """The sweep names (`text_encoder.0`, ...) of `encoder`'s layers; None: every encoder's, in turn."""
     encoders = [encoder] if encoder is not None else [e for e in ENCODERS if getattr(pipe, e, None) is not None]
     return [f"{e}.{i}" for e in encoders for i in range(len(encoder_layers(pipe, e)))]
+
+
+@torch.no_grad()
+def text_layer_sites(pipe: Any) -> list[Site]:
+    """Every layer of `pipe`'s text encoders as a `text_layer` site (`sites.Site`, named as
+    `text_layers` names them, encoders in turn: execution order), with its per-prompt shape
+    (tokens, width) measured by one encode of a probe prompt (tokens: the tokenizer's padded length)."""
+    names = text_layers(pipe)
+    shapes: dict[str, tuple[int, ...]] = {}
+    with ExitStack() as stack:
+        for name in names:
+            encoder, _, i = name.rpartition(".")
+
+            def hook(module: torch.nn.Module, args: tuple, output: Any, name: str = name) -> None:
+                shapes.setdefault(name, tuple(unwrap(output).shape[1:]))
+
+            stack.callback(encoder_layers(pipe, encoder)[int(i)].register_forward_hook(hook).remove)
+        encode_prompts(pipe, ["a red circle"])
+    sites = []
+    for name in names:
+        encoder, _, i = name.rpartition(".")
+        path = f"{layers_path(pipe, encoder)}.{i}"
+        sites.append(Site(name, TEXT_LAYER, name, path, "output", None, shapes[name], component=encoder))
+    return sites
 
 
 def parse_text_layers(names: Sequence[str]) -> tuple[str, tuple[int, ...]]:

@@ -30,7 +30,7 @@ from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs
 from ..erase._util import site_table
 from ..executor import Executor, require_spec, resolve, run_cells
 from ..patching import Window, unet_of
-from ..sites import SITE_KINDS, UNET_OUT, select_sites
+from ..sites import SITE_KINDS, TEXT_LAYER, UNET_OUT, select_sites
 from ..text_layers import TextLayerInjection, encoder_layers, parse_text_layers, text_layers
 from .evaluation import Evaluator
 from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, seed_summary
@@ -54,8 +54,9 @@ FIELDS: tuple[str, ...] = tuple(
 
 
 def sweep_families() -> tuple[str, ...]:
-    """The families a sweep can patch: every site kind of the transformer blocks, `text` and `text_encoder`."""
-    return (*(k for k in SITE_KINDS if k != UNET_OUT), *INJECTIONS)
+    """The families a sweep can patch: every site kind of the transformer blocks, `text` and
+    `text_encoder` (which sweeps text-encoder layers by injection, so `text_layer` sites are not a family)."""
+    return (*(k for k in SITE_KINDS if k not in (UNET_OUT, TEXT_LAYER)), *INJECTIONS)
 
 
 def layer_windows(blocks: Sequence[str], width: int = 1, stride: int | None = None) -> list[tuple[str, ...]]:

@@ -1,5 +1,5 @@
-"""Site records of the fitter and the eraser: the site table of a UNet (found once per config) and
-sites as JSON for artifacts."""
+"""Site records of the fitter and the eraser: the site tables of a UNet and of a pipeline's text
+encoders (found once per config), and sites as JSON for artifacts."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from typing import Any
 from diffusers import UNet2DConditionModel
 
 from ..sites import Site, discover_sites
+from ..text_layers import ENCODERS, text_layer_sites
 
 _SITE_TABLES: dict[str, list[Site]] = {}
+_TEXT_TABLES: dict[str, list[Site]] = {}
 
 
 def site_table(unet: UNet2DConditionModel) -> list[Site]:
@@ -23,6 +25,30 @@ def site_table(unet: UNet2DConditionModel) -> list[Site]:
     return list(_SITE_TABLES[key])
 
 
+def text_site_table(pipe: Any) -> list[Site]:
+    """Every text-encoder layer site of `pipe` (`text_layers.text_layer_sites`), found once per
+    configuration of its encoders and tokenizers."""
+    parts = []
+    for name in ENCODERS:
+        if (encoder := getattr(pipe, name, None)) is not None:
+            tokenizer = getattr(pipe, name.replace("text_encoder", "tokenizer"), None)
+            parts.append([name, encoder.config.to_dict(), getattr(tokenizer, "model_max_length", None)])
+    key = json.dumps(parts, sort_keys=True, default=str)
+    if key not in _TEXT_TABLES:
+        _TEXT_TABLES[key] = text_layer_sites(pipe)
+    return list(_TEXT_TABLES[key])
+
+
+def model_sites(model: Any) -> list[Site]:
+    """Every site of `model` in execution order: its text encoders' layers, then its UNet's
+    (`site_table`). A bare UNet has the UNet's only."""
+    pipeline = getattr(model, "pipeline", model)
+    unet = getattr(pipeline, "unet", None)
+    if unet is None:
+        return site_table(pipeline)
+    return text_site_table(pipeline) + site_table(unet)
+
+
 def site_to_dict(site: Site) -> dict[str, Any]:
     out = asdict(site)
     out["shape"] = list(site.shape)
@@ -30,4 +56,5 @@ def site_to_dict(site: Site) -> dict[str, Any]:
 
 
 def site_from_dict(data: dict[str, Any]) -> Site:
+    """The site of `site_to_dict`; a record from before text-encoder sites (no `component`) is a UNet's."""
     return Site(**{**data, "shape": tuple(data["shape"])})

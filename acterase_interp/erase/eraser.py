@@ -22,7 +22,7 @@ from ..loading import architecture_hash
 from ..patching import StepSchedule, from_tokens, patch_in_trace, patched, to_tokens, unet_of
 from ..provenance import library_versions
 from ..sites import UNET_OUT, Site
-from ._util import site_from_dict, site_table, site_to_dict
+from ._util import model_sites, site_from_dict, site_to_dict
 from .masks import importance_mask, zscore_mask
 
 if TYPE_CHECKING:
@@ -49,7 +49,7 @@ def _value3(value: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True, eq=False)  # tensors have no single truth value: equality is identity
 class Eraser:
-    """ActErase masks and replacement values for some UNet sites.
+    """ActErase masks and replacement values for some sites of the UNet or the text encoders.
 
     Tensors are canonical 3-D, an axis of length 1 meaning "the same for every step / token":
     a mask is bool (1, 1, units) per unit, (1, tokens, units) per (token, unit), and (steps, ...)
@@ -197,9 +197,10 @@ class Eraser:
     @contextmanager
     def applied(self, model: Any) -> Iterator[Eraser]:
         """Switch the eraser on for `model` (an acterase model or a diffusers pipeline) inside the
-        `with` block, via torch hooks on its UNet (`patching.patched`): every pipeline call is
-        patched (nnsight traces too). The hooks are removed on exit, even on an exception, leaving
-        the model as it was.
+        `with` block, via torch hooks on its UNet and, for text-encoder sites, its text encoders
+        (`patching.patched`, which patches those at every encoder call, the negative prompt's too):
+        every pipeline call is patched (nnsight traces too). The hooks are removed on exit, even on
+        an exception, leaving the model as it was.
 
         Per-step erasers take the step from the step counter: runs are `num_steps` UNet calls long,
         each checked against the fitted timesteps where the manifest has them, so generate with the
@@ -216,7 +217,10 @@ class Eraser:
                 for step in tracer.iter[:n]:
                     eraser.apply(model, step)
 
-        Sites are visited in execution order, each by whole-value assignment."""
+        Sites are visited in execution order, each by whole-value assignment. Text-encoder sites,
+        which run before the loop, are written by the first call of the trace (step 0 above, as its
+        first request; or `eraser.apply(model)` before the loop), at every encoder call; a first
+        call at a later step raises an error that says so (see `patching.patch_in_trace`)."""
         patch_in_trace(model, self, step)
 
     # -- model checks, devices --------------------------------------------------
@@ -230,10 +234,10 @@ class Eraser:
                 f"this eraser was fitted on a model with architecture hash {want}, but this model's is {got}: "
                 "an eraser only applies to the architecture it was fitted on"
             )
-        known = {s.name: s.module_path for s in site_table(unet_of(model))}
+        known = {s.name: (s.component, s.module_path) for s in model_sites(model)}
         for s in self.sites:
-            if known.get(s.name) != s.module_path:
-                raise ValueError(f"site {s.name!r} ({s.module_path}) does not exist in this model's UNet")
+            if known.get(s.name) != (s.component, s.module_path):
+                raise ValueError(f"site {s.name!r} ({s.component}: {s.module_path}) does not exist in this model")
 
     def saturated(self) -> Eraser:
         """A copy with every mask entry on: each unit (and token, and step, as far as the values
@@ -299,10 +303,10 @@ class Eraser:
         """An eraser from hand-made masks and values (activation-patching experiments): masks bool
         (units,), (tokens, units) or (steps, tokens, units); values (tokens, units) or
         (steps, tokens, units); `manifest` adds provenance (e.g. timesteps for per-step tensors)."""
-        table = site_table(unet_of(model))
+        table = model_sites(model)
         unknown = sorted(set(masks) - {s.name for s in table})
         if unknown:
-            raise KeyError(f"unknown site(s) {unknown}; this UNet has {[s.name for s in table]}")
+            raise KeyError(f"unknown site(s) {unknown}; this model has {[s.name for s in table]}")
         sites = []
         for s in table:
             if s.name in masks:

@@ -9,7 +9,11 @@ sum of source activations (and of target activations for a `restorable` fit) and
 and second moments; nothing else is kept.
 
 Text-token sites (`attn2_k`, `attn2_v`) depend on the prompt only, so their statistics repeat at
-every step; they are stored per step all the same, like every other site.
+every step; they are stored per step all the same, like every other site. So are the text-encoder
+layer sites (`text_layer`): the encoder runs once for the prompts [source, target] before the
+denoising loop (and again for the negative prompt under CFG, a call that is not read: it is the
+same for both rows, so `cfg_rows` does not apply there), and that one reading is stored at every
+step, so masks, time masks, re-thresholding, merging and artifacts treat them like any other site.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from tqdm.auto import tqdm
 
 from ..generation import seed_list
 from ..loading import architecture_hash
-from ..patching import call_timestep, read_in_trace, rewrap, to_tokens, unwrap
+from ..patching import call_timestep, component_envoy, read_in_trace, rewrap, to_tokens, unwrap
 from ..provenance import library_versions
-from ..sites import TEXT_TOKEN_KINDS, UNET_OUT, Site, reader_weight_norm, select_sites
-from ._util import site_table
+from ..sites import TEXT_LAYER, TEXT_TOKEN_KINDS, UNET_OUT, Site, reader_weight_norm, select_sites
+from ._util import model_sites
 from .eraser import Eraser
 from .options import EraseOptions
 from .pairs import PromptPairs
@@ -75,7 +79,7 @@ class EraserFitter:
         self.guidance_scale = defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale
         pixels = unet.config.sample_size * pipe.vae_scale_factor
         self.height, self.width = defaults.height or pixels, defaults.width or pixels
-        self.sites: tuple[Site, ...] = tuple(select_sites(site_table(unet), options.site_kind, options.blocks))
+        self.sites: tuple[Site, ...] = tuple(select_sites(model_sites(pipe), options.site_kind, options.blocks))
         device = unet.device
         self._norms = {s.name: n.to(device) for s in self.sites if (n := reader_weight_norm(unet, s)) is not None}
         scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
@@ -188,7 +192,8 @@ class EraserFitter:
     def _run(self, target: str, source: str, seed: int, record: dict, bar: Any) -> None:
         model = self.model
         device = model.pipeline.device
-        inner = [s for s in self.sites if s.kind != UNET_OUT]
+        text = [s for s in self.sites if s.kind == TEXT_LAYER]
+        inner = [s for s in self.sites if s.kind not in (UNET_OUT, TEXT_LAYER)]
         out_site = next((s for s in self.sites if s.kind == UNET_OUT), None)
         n = self.num_steps
         # One generator per row, both seeded alike: the two rows start from the same noise.
@@ -203,6 +208,10 @@ class EraserFitter:
             generator=generators,
             output_type="latent",  # no image is needed: skip the VAE decoder
         ) as tracer:
+            for site in text:  # before the loop: the encoders' first calls, the prompts [source, target]
+                x = read_in_trace(component_envoy(model, site), site)
+                for step in range(n):
+                    self._record(record, site, step, x)
             for step in tracer.iter[:n]:
                 args, kwargs = model.unet.inputs
                 self._check_step(step, args[0], call_timestep(args, kwargs))
@@ -290,13 +299,16 @@ class EraserFitter:
 
     def _token_counts(self, unet: Any) -> dict[str, int]:
         """Tokens of every site at the fitting resolution, scaled from the small probe pass of
-        `site_table` (tokens scale with the latent's area; text tokens are the tokenizer's length)."""
+        `site_table` (tokens scale with the latent's area; text tokens are the tokenizer's length,
+        which a text-encoder site's shape has already)."""
         probe = 2 ** (len(unet.config.block_out_channels) - 1)
         pipe = self.model.pipeline
         area = (self.height // pipe.vae_scale_factor) * (self.width // pipe.vae_scale_factor) / probe**2
         text = pipe.tokenizer.model_max_length
 
         def tokens(s: Site) -> int:
+            if s.kind == TEXT_LAYER:
+                return s.shape[0]
             if s.kind in TEXT_TOKEN_KINDS:
                 return text
             return int((s.shape[0] if s.kind != UNET_OUT else s.shape[1] * s.shape[2]) * area)

@@ -26,10 +26,11 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class EraseOptions:
     """How ActErase collects statistics and turns them into masks and replacement values."""
 
-    site_kind: str = "ffn_hidden"
+    site_kind: str | tuple[str, ...] = "ffn_hidden"
     """Which site of every transformer block is patched: `ffn_hidden` (the paper's default, the
     GEGLU output read by `ff.net.2`), `ffn_out`, `attn1_out`, `attn2_k`, `attn2_v`, `attn2_out`,
-    `block_out`, or `unet_out` (see `acterase_interp.sites`)."""
+    `block_out`, `unet_out`, or `text_layer`, the output of every text-encoder layer (see
+    `acterase_interp.sites`); several kinds as a tuple, e.g. `("text_layer", "ffn_hidden")`."""
     tau: float = 0.01
     """Importance threshold of Eq. 5; its meaning depends on `tau_mode`."""
     tau_mode: str = "fraction"
@@ -70,7 +71,15 @@ class EraseOptions:
     """Units replaced per site with `ranking="zscore"` (required there, ignored otherwise)."""
 
     def __post_init__(self) -> None:
-        _choice("site_kind", self.site_kind, SITE_KINDS)
+        if isinstance(self.site_kind, str):
+            _choice("site_kind", self.site_kind, SITE_KINDS)
+        else:
+            kinds = tuple(self.site_kind)
+            if not kinds:
+                raise ValueError("site_kind=() selects nothing; name at least one kind")
+            for kind in kinds:
+                _choice("site_kind", kind, SITE_KINDS)
+            object.__setattr__(self, "site_kind", kinds[0] if len(kinds) == 1 else kinds)
         _choice("tau_mode", self.tau_mode, TAU_MODES)
         _choice("granularity", self.granularity, GRANULARITIES)
         _choice("time_mask", self.time_mask, TIME_MASKS)
@@ -98,6 +107,7 @@ class EraseOptions:
         """JSON-friendly fields."""
         out = asdict(self)
         out["blocks"] = list(self.blocks) if self.blocks is not None else None
+        out["site_kind"] = self.site_kind if isinstance(self.site_kind, str) else list(self.site_kind)
         return out
 
     @classmethod
