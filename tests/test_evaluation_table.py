@@ -99,7 +99,8 @@ def test_the_table_on_worker_processes_equals_the_serial_run():
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert [(r["seed"], r["method"]) for r in parallel["rows"]] == [(0, "unerased"), (0, "negative_prompt"),
                                                                     (1, "unerased"), (1, "negative_prompt")]  # fmt: skip
-    records = lambda result: [{k: v for k, v in r.items() if k != "seconds"} for r in result["records"]]  # noqa: E731
+    records = lambda result: [{k: v for k, v in r.items() if k not in ("seconds", "git_commit")} for r in result["records"]]  # noqa: E731
+    assert all(r["git_commit"] == parallel["manifest"]["git_commit"] for r in parallel["records"])
     assert strip(parallel["rows"]) == strip(serial["rows"]) and records(parallel) == records(serial)
     assert parallel["manifest"]["executor"] == "ProcessPoolExecutor" and serial["manifest"]["executor"] is None
 

@@ -25,6 +25,7 @@ def test_notebooks_exist():
         "02_where_concepts_live.ipynb",
         "03_dimensionality.ipynb",
         "04_ablations.ipynb",
+        "05_evaluation.ipynb",
     ]
 
 

@@ -169,9 +169,9 @@ def _cell_path(folder: Path, concept: str, seed: int) -> Path:
 def _run_cell(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int,
               folder: Path | None, key: str) -> tuple[list[dict], dict]:
     """`_run_seed`, then (with `folder`) its result written at once, so a stopped run resumes."""
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()  # the code this worker runs, read before the cell
     rows, record = _run_seed(model, classifier, concept, seed, spec, steps)
-    record["seconds"] = time.perf_counter() - start
+    record["seconds"], record["git_commit"] = time.perf_counter() - start, commit
     if folder is not None:
         atomic_write_json({"format": CELL_FORMAT, "key": key, "rows": rows, "record": record},
                           _cell_path(folder, concept, seed))  # fmt: skip
@@ -301,7 +301,7 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
     if executor is not None:
         require_spec(model, "model")
         require_spec(classifier, "classifier")
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()  # now, not at the end: the checkout may move meanwhile
     local_model, local_classifier = resolve(model), resolve(classifier)
     pipe = local_model.pipeline
     steps = spec.num_inference_steps or local_model.defaults.num_inference_steps
@@ -327,7 +327,7 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
         "decision": "classifier argmax per factor",
         "model": hashes,
         "versions": library_versions(),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "executor": None if executor is None else type(executor).__name__,
         "resumed": [{"concept": c, "seed": s} for c, s in done],
         "seconds": time.perf_counter() - start,
