@@ -16,6 +16,7 @@ from acterase_interp.analysis.ground_truth import (
     planted_families,
     precision_recall,
     score_concept,
+    top_units_iou,
     unit_iou,
 )
 from acterase_interp.loading import conceptworld_dir
@@ -56,6 +57,11 @@ def test_precision_recall_and_unit_iou():
              "y.attn": torch.ones(1, 1, 4, dtype=torch.bool)}
     # on: x units 0, 1, 2 (any step); planted: x 2, 3 -> 1 shared of 4; attn2 sites never count
     assert unit_iou(masks, {"x": [2, 3]}, sites) == pytest.approx(1 / 4)
+    # top-2 over both ffn blocks by score: x.3 (0.9), z.0 (0.8); planted x.2, x.3 -> 1 shared of 3
+    sites.append(Site("z.ff", "ffn_hidden", "z", "", "input", None, (1, 2)))
+    scores = {"x.ff": torch.tensor([0.1, 0.2, 0.3, 0.9]), "y.attn": torch.ones(4), "z.ff": torch.tensor([0.8, 0.0])}
+    assert top_units_iou(scores, {"x": [2, 3]}, sites) == pytest.approx(1 / 3)
+    assert top_units_iou(scores, {"x": [3], "z": [0]}, sites) == 1.0
 
 
 def _concept(family, maps, rank, **extra):
@@ -92,6 +98,7 @@ def test_score_concept_on_the_planted_heart(conceptworld, classifier):
     assert all(d is not None for d in out["maps"]["ffn_hidden"]["causal"]["damage"].values())  # erasing measures damage
     assert out["family_rank"]["planted_families"] == ["ffn_hidden"] and len(out["family_rank"]["ranks"]) == 2
     assert list(out["unit_iou"]) == [str(t) for t in IOU_TAUS] and all(0 <= v <= 1 for v in out["unit_iou"].values())
+    assert set(out["top_units_iou"]) == {"zscore", "importance"} and all(0 <= v <= 1 for v in out["top_units_iou"].values())
 
 
 def test_the_command_writes_json_and_prints_the_table(tmp_path, capsys):

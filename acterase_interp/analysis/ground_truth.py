@@ -9,7 +9,8 @@ all steps at `CAUSAL_TAU` (the drop of the concept rate), and, for activation fa
 difference map (mean over steps) of the same fit; the top-k blocks of each (k = the number of
 planted blocks) are scored against the planted ones. `family_rank` orders the families by their
 best block's drop and says whether the planted family comes first. For a concept planted in FFN
-units, the IoU of the eraser's `ffn_hidden` mask with the planted (block, unit) set, per tau.
+units, the IoU of the eraser's `ffn_hidden` mask with the planted (block, unit) set, per tau, and
+of the top-N units of two per-unit rankings (|z|, and I_t - I_s), N = the number of planted units.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ def unit_iou(masks: dict[str, Any], planted_units: dict[str, list[int]], sites: 
     return len(on & truth) / len(union) if union else 0.0
 
 
+def top_units_iou(scores: Mapping[str, Any], planted_units: dict[str, list[int]], sites: Sequence[Any]) -> float:
+    """IoU with the planted (block, unit) set of the N highest-scoring `ffn_hidden` units over all
+    blocks together (N = the number of planted units, so IoU 1 means exactly the planted units):
+    a per-unit ranking with no threshold and no union over pairs or steps."""
+    entries = [(float(v), site.block, u) for site in sites if site.kind == "ffn_hidden"
+               for u, v in enumerate(scores[site.name].flatten().tolist())]  # fmt: skip
+    truth = {(b, u) for b, us in planted_units.items() for u in us}
+    top = {(b, u) for _, b, u in sorted(entries, key=lambda e: -e[0])[: len(truth)]}
+    return len(top & truth) / len(top | truth) if truth else 0.0
+
+
 def family_rank(causal: Mapping[str, Mapping[str, float]], planted: Sequence[str]) -> Record:
     """Families ordered by their best block's concept drop (`causal[family][block]`; ties keep the
     given order), and `planted_first`: whether the best planted family's drop beats every other
@@ -140,6 +152,10 @@ def score_concept(
     if "ffn_hidden" in fits and record.get("units"):
         stats = fits["ffn_hidden"]
         out["unit_iou"] = {str(t): unit_iou(stats.eraser(tau=t).masks, record["units"], stats.sites) for t in IOU_TAUS}
+        rankings = {"zscore": {s.name: stats.zscores(s.name).abs() for s in stats.sites},  # LocoGen's |z|
+                    "importance": {s.name: (stats.importance_target[s.name] - stats.importance_source[s.name]).mean((0, 1))
+                                   for s in stats.sites}}  # Eq. 5's I_t - I_s, mean over pairs and steps  # fmt: skip
+        out["top_units_iou"] = {k: top_units_iou(v, record["units"], stats.sites) for k, v in rankings.items()}
     return out
 
 
@@ -184,6 +200,9 @@ def markdown_table(result: dict) -> str:
         if "unit_iou" in c:
             lines.append(f"- IoU of the ffn_hidden mask with the planted units of {c['concept']!r}: " +
                          ", ".join(f"tau {t}: {v:.3f}" for t, v in c["unit_iou"].items()))  # fmt: skip
+        if "top_units_iou" in c:
+            lines.append(f"- IoU of the top-N ffn_hidden units (N = planted) with the planted units of {c['concept']!r}: "
+                         + ", ".join(f"{k} ranking {v:.3f}" for k, v in c["top_units_iou"].items()))  # fmt: skip
     return "\n".join(lines)
 
 
