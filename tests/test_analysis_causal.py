@@ -5,13 +5,25 @@ zero), so that block alone carries the concept, and the sweep must find it in bo
 from __future__ import annotations
 
 import json
+import math
+from types import SimpleNamespace
 
 import plotly.graph_objects as go
 import pytest
 import torch
 
 from acterase_interp import generation
-from acterase_interp.analysis import causal_sweep, layer_windows, layers_of, sweep_families, text_layers, window_label
+from acterase_interp.analysis import (
+    best_cells,
+    block_difference,
+    causal_sweep,
+    difference_vs_causal,
+    layer_windows,
+    layers_of,
+    sweep_families,
+    text_layers,
+    window_label,
+)
 from acterase_interp.analysis.causal import FIELDS
 from acterase_interp.analysis.figures import sweep_heatmap
 from acterase_interp.erase import EraseOptions, EraserFitter
@@ -254,3 +266,55 @@ def test_a_process_pool_gives_the_serial_records(classifier, pairs):
     assert same and len(serial) == 4 and serial[0]["image_distance"] > 0  # the patch did something
     with pytest.raises(TypeError, match="Spec"):
         causal_sweep(load("conceptworld"), classifier, pairs, "attn2_out", executor=object(), **kwargs)
+
+
+def _cell(family, block, drop, preservation=None, concept="red", direction="erase", start=0):
+    return {"concept": concept, "family": family, "layers": [block], "layer_label": block, "direction": direction,
+            "start": start, "stop": start + 2, "concept_drop": drop, "preservation": preservation}  # fmt: skip
+
+
+def test_best_cells_per_group_with_a_floor():
+    rows = [_cell("ffn_hidden", "a", 0.2, 0.95), _cell("ffn_hidden", "b", 0.6, 0.5), _cell("text", "a", 0.9),
+            _cell("text", "b", None), _cell("ffn_hidden", "a", 0.7, 0.99, concept="dots")]  # fmt: skip
+    best = best_cells(rows)
+    assert [(r["concept"], r["family"], r["layer_label"]) for r in best] == [
+        ("red", "ffn_hidden", "b"), ("red", "text", "a"), ("dots", "ffn_hidden", "a")]  # fmt: skip
+    kept = best_cells(rows, floor={"preservation": 0.9})  # text measures no preservation: never admissible
+    assert [(r["concept"], r["layer_label"], r["concept_drop"]) for r in kept] == [("red", "a", 0.2), ("dots", "a", 0.7)]
+    assert best_cells(rows, by=("concept",))[0]["family"] == "text"
+    tie = best_cells([_cell("text", "a", 0.5), _cell("text", "b", 0.5)])
+    assert tie[0]["layer_label"] == "a"  # ties keep the first
+    with pytest.raises(KeyError, match="'damage'"):
+        best_cells(rows, value="damage")
+
+
+class _Stats:
+    """A stand-in for FitStatistics: sites with blocks and a per-step difference profile."""
+
+    def __init__(self, profiles: dict[tuple[str, str], list[float]]) -> None:
+        self.sites = [SimpleNamespace(name=name, block=block) for name, block in profiles]
+        self._profiles = {name: torch.tensor(p) for (name, _), p in profiles.items()}
+
+    def difference(self) -> dict[str, torch.Tensor]:
+        return self._profiles
+
+
+def test_block_difference_averages_steps_then_sites():
+    stats = _Stats({("a.ff", "a"): [1.0, 3.0], ("b.ff", "b"): [0.0, 1.0], ("b.ff2", "b"): [2.0, 2.0]})
+    assert block_difference(stats) == pytest.approx({"a": 2.0, "b": 1.25})
+
+
+def test_difference_vs_causal_ranks_blocks_per_family():
+    stats = {"ffn_hidden": _Stats({(f"{b}.ff", b): [v, v] for b, v in zip("abcd", (4.0, 3.0, 2.0, 1.0))}),
+             "attn2_k": _Stats({(f"{b}.k", b): [v] for b, v in zip("abcd", (4.0, 3.0, 2.0, 1.0))})}  # fmt: skip
+    rows = [_cell("ffn_hidden", b, d, start=s) for b, d in zip("abcd", (0.5, 0.4, 0.1, 0.0)) for s in (0, 2)]
+    rows += [_cell("attn2_k", b, d) for b, d in zip("abcd", (0.0, 0.1, 0.2, 0.3))]
+    rows += [_cell("attn2_k", b, 0.9, direction="restore") for b in "abcd"]  # another direction: ignored
+    rows += [dict(_cell("attn2_k", "a", 0.9), layers=["a", "b"], layer_label="a-b")]  # a window: ignored
+    out = {r["family"]: r for r in difference_vs_causal(stats, rows)}
+    assert out["ffn_hidden"]["rho"] == pytest.approx(1.0) and out["ffn_hidden"]["n"] == 4
+    assert out["attn2_k"]["rho"] == pytest.approx(-1.0) and out["attn2_k"]["direction"] == "erase"
+    flat = [_cell("ffn_hidden", b, 0.0) for b in "abcd"]
+    assert math.isnan(difference_vs_causal({"ffn_hidden": stats["ffn_hidden"]}, flat)[0]["rho"])  # no ranking
+    with pytest.raises(ValueError, match="no single-block 'erase' records of family 'text'"):
+        difference_vs_causal({"text": stats["ffn_hidden"]}, rows)

@@ -13,7 +13,15 @@ only image generation is ever repeated.
 from ..patching import count_steps, patched
 from ..text_layers import text_layers
 from .activations import collect_activations
-from .causal import causal_sweep, layer_windows, sweep_families, window_label
+from .causal import (
+    best_cells,
+    block_difference,
+    causal_sweep,
+    difference_vs_causal,
+    layer_windows,
+    sweep_families,
+    window_label,
+)
 from .dimensionality import (
     concept_iou,
     concept_masks,
@@ -69,7 +77,9 @@ __all__ = [
     "SUMMARY_FIELDS",
     "Evaluator",
     "SubspacePatch",
+    "best_cells",
     "best_tau",
+    "block_difference",
     "causal_map",
     "causal_sweep",
     "choice_ablation",
@@ -79,6 +89,7 @@ __all__ = [
     "count_steps",
     "difference_map",
     "difference_spectrum",
+    "difference_vs_causal",
     "effective_rank",
     "eraser_measure",
     "evaluate_eraser",

@@ -18,11 +18,16 @@ denoising, so that family is swept over the whole run only.
 `concept_drop` is positive when the window carries the concept, in either direction. Statistics
 are fitted once per family (or given) and reused by every cell; the cells run through
 `run_cells`, with one progress bar, here or on an `executor`'s workers.
+
+Reading a sweep: `best_cells` (the strongest cell per concept and family, optionally above a
+preservation floor) and `difference_vs_causal` (per family, does the difference map rank the
+blocks as the sweep does?).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -33,8 +38,8 @@ from ..patching import Window, unet_of
 from ..sites import SITE_KINDS, TEXT_LAYER, UNET_OUT, select_sites
 from ..text_layers import TextLayerInjection, encoder_layers, parse_text_layers, text_layers
 from .evaluation import Evaluator
-from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, seed_summary
-from .records import Record
+from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, map_correlation, seed_summary
+from .records import Record, group_mean
 
 if TYPE_CHECKING:
     from ..metrics import Classifier
@@ -282,3 +287,64 @@ def _tidy(row: Record) -> Record:
             "start": row.pop("start"), "stop": row.pop("stop"), "direction": row.pop("direction")}  # fmt: skip
     measured = {f: row.pop(f, None) for f in FIELDS}
     return head | measured | {"fit_seeds": None, "options": None} | row
+
+
+# -- reading a sweep -------------------------------------------------------------------------
+
+
+def best_cells(
+    records: Iterable[Record],
+    by: Sequence[str] = ("concept", "family"),
+    value: str = "concept_drop",
+    floor: Mapping[str, float] | None = None,
+) -> list[Record]:
+    """The record with the largest `value` per group of `by` (first-seen group order; ties keep
+    the first record). `floor` keeps only records whose fields reach it, e.g. `{"preservation":
+    0.9}`; records whose `value` or floored field is None (not measured) never win, and a group
+    with no admissible record is left out."""
+    floor = dict(floor or {})
+    best: dict[tuple, Record] = {}
+    for r in records:
+        for k in (*by, value, *floor):
+            if k not in r:
+                raise KeyError(f"field {k!r} missing from a sweep record; it has {sorted(r)}")
+        if r[value] is None or any(r[k] is None or r[k] < v for k, v in floor.items()):
+            continue
+        key = tuple(r[k] for k in by)
+        if key not in best or r[value] > best[key][value]:
+            best[key] = r
+    return list(best.values())
+
+
+def block_difference(statistics: FitStatistics) -> dict[str, float]:
+    """The difference map per block, in execution order: `FitStatistics.difference()` averaged
+    over steps and over the block's sites."""
+    profiles = statistics.difference()
+    per_block: dict[str, list[float]] = {}
+    for site in statistics.sites:
+        per_block.setdefault(site.block, []).append(profiles[site.name].mean().item())
+    return {b: sum(v) / len(v) for b, v in per_block.items()}
+
+
+def difference_vs_causal(
+    statistics: Mapping[str, FitStatistics], records: Iterable[Record], direction: str = "erase"
+) -> list[Record]:
+    """Does each family's correlational map predict its causal one? Per family of `statistics`
+    (one fit per family, as given to `causal_sweep`), the Spearman rank correlation across blocks
+    between `block_difference` and the sweep's `concept_drop` in `direction` for that block patched
+    alone (averaged over step windows). `rho` is NaN when either map is constant (no ranking).
+    One record per family: `family`, `rho`, `p_value`, `n` (blocks), `direction`."""
+    check_direction(direction)
+    rows = [r for r in records if r["direction"] == direction and len(r["layers"]) == 1]
+    out = []
+    for family, stats in statistics.items():
+        drops = group_mean([{"layer": r["layers"][0], "concept_drop": r["concept_drop"]}
+                            for r in rows if r["family"] == family], "layer", "concept_drop")  # fmt: skip
+        if not drops:
+            raise ValueError(f"no single-block {direction!r} records of family {family!r} to correlate with")
+        difference = [{"layer": b, "value": v} for b, v in block_difference(stats).items()]
+        with warnings.catch_warnings():  # a constant map: scipy warns and returns NaN, which we report
+            warnings.simplefilter("ignore")
+            result = map_correlation(difference, drops, keys=("layer",), value_b="concept_drop")
+        out.append({"family": family, "direction": direction, **result})
+    return out
