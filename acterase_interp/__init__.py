@@ -1,6 +1,11 @@
 """acterase-interp: ActErase concept erasure and mechanistic interpretability for text-to-image
 diffusion models, built on nnsight tracing, with ConceptWorld as the bundled offline model."""
 
+from ._quiet import silence_torchvision_fallback
+
+silence_torchvision_fallback()  # before diffusers imports transformers' image processors
+
+
 from .erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
 from .generation import TextInjection, TextLayerInjection, generate
 from .loading import GenerationDefaults, architecture_hash, load, load_pipeline, wrap

