@@ -6,8 +6,10 @@
     acterase plant --model DIR --concept heart --family ffn_units --blocks up.0.0 --units 32 --out DIR2
     acterase evaluate --concepts triangle red dots --seeds 0 1 2 --out runs/evaluation
 
-Bad input (an unknown concept, site or option, a missing file) prints one line and exits with 2;
-`acterase demo --strict` exits with 1 when an erasure bar fails.
+Bad input (an unknown concept, site or option, a missing file, an artifact whose files differ from
+the sha256 its manifest recorded) prints one line and exits with 2; `acterase demo --strict` exits
+with 1 when an erasure bar fails; a run stopped by a dead worker process exits with 3 (run it again
+to resume). `--no-verify` loads artifacts without checking their recorded hashes.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,7 +31,9 @@ from .erase.options import CFG_ROWS, GRANULARITIES, PAIR_COMBINES, TAU_MODES, TI
 from .erase.pairs import PromptPairs
 from .evaluation.baselines import METHODS
 from .evaluation.table import TableSpec
+from .executor import WorkerLostError
 from .generation import generate
+from .integrity import UnverifiedArtifactWarning
 from .loading import load
 from .report import labelled_grid_png
 from .plant import PLANT_FAMILIES, PlantSpec
@@ -36,6 +42,7 @@ from .world.factors import PLANTABLE
 
 USAGE_ERROR = 2
 BARS_FAILED = 1
+RUN_FAILED = 3
 _OPTION_FLAGS = (
     "site_kind", "tau", "tau_mode", "granularity", "time_mask", "cfg_rows", "blocks", "pair_combine", "value_mode",
 )  # fmt: skip
@@ -47,6 +54,12 @@ def _add_model(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")  # fmt: skip
+    _add_no_verify(p)
+
+
+def _add_no_verify(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true", help="load erasers, evaluation cells and planted models without "
+                   "checking the sha256 their manifests recorded (for files changed on purpose)")  # fmt: skip
 
 
 def _tau(text: str) -> float | str:
@@ -125,6 +138,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--prune-top-fraction", type=float, default=TableSpec.prune_top_fraction)
     ev.add_argument("--workers", type=int, default=0,
                     help="run (concept, seed) cells on this many one-thread worker processes (default: 0, here)")
+    _add_no_verify(ev)
 
     plant = sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only")
     plant.add_argument("--model", required=True, help="a ConceptWorld pipeline folder (or conceptworld)")
@@ -139,6 +153,7 @@ def _parser() -> argparse.ArgumentParser:
     plant.add_argument("--batch", type=int, default=64)
     plant.add_argument("--n-images", type=int, default=6000, help="training images (default: 6000, 1/6 of them new)")
     plant.add_argument("--seed", type=int, default=0)
+    _add_no_verify(plant)
     return parser
 
 
@@ -161,7 +176,7 @@ def _fit(args: argparse.Namespace) -> None:
         if args.max_pairs < 1:
             raise ValueError(f"--max-pairs must be at least 1, got {args.max_pairs}")
         pairs = replace(pairs, targets=pairs.targets[: args.max_pairs], sources=pairs.sources[: args.max_pairs])
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, verify=not args.no_verify)
     start = time.perf_counter()
     fitter = EraserFitter(model, options)
     eraser = fitter.fit(pairs)
@@ -175,8 +190,9 @@ def _fit(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     if args.compare and not args.eraser:
         raise ValueError("--compare needs --eraser")
-    eraser = Eraser.load(args.eraser) if args.eraser else None  # bad input fails before the model loads
-    model = load(args.model, device=args.device)
+    verify = not args.no_verify
+    eraser = Eraser.load(args.eraser, verify=verify) if args.eraser else None  # bad input fails before the model loads
+    model = load(args.model, device=args.device, verify=verify)
     if eraser is not None:
         eraser.check_model(model)
         eraser = eraser.to(model.pipeline.device)
@@ -225,15 +241,16 @@ def _evaluate(args: argparse.Namespace) -> None:
                      num_inference_steps=args.steps, tau=args.tau, **{n: getattr(args, n) for n in names})  # fmt: skip
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
-    model = Spec.of(load, args.model)
+    model = Spec.of(load, args.model, **({"verify": False} if args.no_verify else {}))
     classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
     out = Path(args.out)
     checkpoints = out / "cells"  # each finished (concept, seed) lands here: a stopped run resumes
+    verify = not args.no_verify
     if args.workers:
         with one_thread_processes(args.workers) as pool:
-            result = run_table(model, classifier, spec, executor=pool, checkpoints=checkpoints)
+            result = run_table(model, classifier, spec, executor=pool, checkpoints=checkpoints, verify=verify)
     else:
-        result = run_table(model, classifier, spec, checkpoints=checkpoints)
+        result = run_table(model, classifier, spec, checkpoints=checkpoints, verify=verify)
     result["manifest"]["command"] = command_line(spec, args.model) + (f" --workers {args.workers}" if args.workers else "")
     atomic_write_json(result, out / "results.json")
     table = markdown(result)
@@ -252,7 +269,7 @@ def _plant(args: argparse.Namespace) -> None:
         check_plantable(args.concept)  # before the model loads
     spec = None if args.shipped else PlantSpec(args.family, tuple(args.blocks) if args.blocks else None, args.units,
                                                 args.steps, args.lr, args.batch, args.seed)  # fmt: skip
-    model = load(args.model)
+    model = load(args.model, verify=not args.no_verify)
     if spec is None:
         records = plant_shipped(model)
     else:
@@ -272,11 +289,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"fit": _fit, "generate": _generate, "demo": _demo, "evaluate": _evaluate, "plant": _plant}
-        status = commands[args.command](args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _notice(args.command, warnings.showwarning)
+            status = commands[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, TypeError) as err:
         print(f"acterase {args.command}: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except WorkerLostError as err:
+        print(f"acterase {args.command}: error: {err}", file=sys.stderr)
+        return RUN_FAILED
     return status or 0
+
+
+def _notice(command: str, show: Any) -> Any:
+    """`warnings.showwarning` that prints an unverified artifact's notice as one line."""
+
+    def notice(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, UnverifiedArtifactWarning):
+            print(f"acterase {command}: notice: {message}", file=sys.stderr)
+        else:
+            show(message, category, *rest, **kwargs)
+
+    return notice
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from __future__ import annotations
 import multiprocessing
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -37,6 +38,16 @@ class Executor(Protocol):
     `result()` (`distributed.Client`, `concurrent.futures.ProcessPoolExecutor`, ...)."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any) -> Any: ...
+
+
+class WorkerLostError(RuntimeError):
+    """A worker process died while running cells (killed, out of memory): the run stopped."""
+
+
+def _lost(err: BaseException) -> bool:
+    """Whether `err` says a worker process died: a broken process pool, or Dask's `KilledWorker`
+    (a task whose workers died more often than the scheduler allows)."""
+    return isinstance(err, BrokenProcessPool) or type(err).__name__ == "KilledWorker"
 
 
 def worker_local(key: Hashable, build: Callable[[], T]) -> T:
@@ -104,8 +115,9 @@ def run_cells(
     progress: bool = True,
 ) -> list[T]:
     """`fn(*cell)` for every cell, in order: here, or on `executor` (every cell submitted at once,
-    results gathered in cell order; the first failure cancels the rest and is raised). `fn` and
-    the cells must pickle when an executor is given."""
+    results gathered in cell order; the first failure cancels the rest and is raised, a dead
+    worker process as `WorkerLostError`). `fn` and the cells must pickle when an executor is given.
+    Dask reruns the cells of a worker that died on another, up to its `allowed-failures`."""
     bar = tqdm(total=len(cells), desc=desc, disable=not progress)
     try:
         if executor is None:
@@ -125,9 +137,16 @@ def run_cells(
                 results.append(future.result())
                 bar.update(1)
             return results
-        except BaseException:
+        except BaseException as err:
             for future in futures:
                 future.cancel()
+            if _lost(err):
+                why = " ".join(str(err).split())  # one line: Dask's message spans several
+                raise WorkerLostError(
+                    f"a worker process died while running {desc} cells ({type(err).__name__}: {why}); run it "
+                    "again (a run with checkpoints, such as acterase evaluate's cells/ folder, then resumes from its "
+                    "finished cells)"
+                ) from err
             raise
     finally:
         bar.close()

@@ -3,6 +3,7 @@ loses nothing."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -54,7 +55,8 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, 
 
 def atomic_write_dir(path: str | Path, marker: str, write: Callable[[Path], None]) -> None:
     """Write a folder atomically: `write` fills a temporary sibling folder that then replaces
-    `path`. An existing folder is replaced only if it is an artifact of this kind (holds `marker`)."""
+    `path`. An existing folder is replaced only if it is an artifact of this kind (holds `marker`).
+    Processes saving to one path at once each commit whole; the last commit wins."""
     path = Path(path).expanduser()
     if path.exists() and not (path / marker).exists() and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an artifact folder (no {marker}); refusing to replace it")
@@ -62,13 +64,52 @@ def atomic_write_dir(path: str | Path, marker: str, write: Callable[[Path], None
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         write(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(path)
+        _swap_in(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_SWAP_TRIES = 50
+
+
+def _swap_in(tmp: Path, path: Path) -> None:
+    """Rename `tmp` to `path`, moving an old folder there aside first and deleting it after. Another
+    process may commit into `path` between our two renames: then we move its folder aside too and
+    try again."""
+    for _ in range(_SWAP_TRIES):
+        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+        try:
+            path.rename(old)
+        except FileNotFoundError:
+            old = None  # nothing there (any more)
+        try:
+            tmp.rename(path)
+        except OSError as err:
+            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                if old is not None:
+                    old.rename(path)  # put the previous artifact back
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)  # another writer committed meanwhile: it replaced this one
+            continue
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return
+    raise FileExistsError(f"{path}: other processes kept saving into it; nothing was written, try again")
+
+
+def interrupted_save(path: str | Path, marker: str) -> Path | None:
+    """The previous artifact of `path` that a save killed between its two renames left aside
+    (`.<name>.<id>.old`, holding `marker`), or None."""
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():
+        return None
+    left = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)
+    return next((p for p in reversed(left) if (p / marker).is_file()), None)
+
+
+def interrupted_hint(path: str | Path, marker: str) -> str:
+    """For a load error: where `interrupted_save` found the previous artifact of `path`, or ""."""
+    left = interrupted_save(path, marker)
+    return f"; a save into it was interrupted: the previous one is in {left}, rename it back" if left else ""

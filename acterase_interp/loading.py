@@ -18,6 +18,8 @@ from huggingface_hub import hf_hub_download
 from nnsight import DiffusionModel
 from nnsight.modeling.diffusion import _PipelineModule
 
+from .integrity import SHA256, ArtifactError, file_hashes, read_object, verify_files
+from .io import atomic_write_json
 from .world.text_encoder import FROZEN_ENCODER_FILE, load_minilm
 
 pipeline_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
@@ -88,13 +90,42 @@ def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _read_manifest(directory: Path, pipeline: Pipeline) -> tuple[GenerationDefaults, list[dict]]:
+def _weight_files(directory: Path) -> list[str]:
+    """The safetensors files of a pipeline folder, relative to it: what planted.json vouches for."""
+    return sorted(p.relative_to(directory).as_posix() for p in directory.rglob("*.safetensors"))
+
+
+def write_planted(directory: str | os.PathLike, planted: list[dict]) -> None:
+    """Write planted.json into a saved pipeline folder (after its weights): the planted records and
+    the sha256 of every weight file, which `load` checks. The planting code's writer."""
+    directory = Path(directory)
+    hashes = file_hashes(directory, _weight_files(directory))
+    atomic_write_json({"planted": planted, SHA256: hashes}, directory / PLANTED_FILE)
+
+
+def read_planted(directory: str | os.PathLike, *, verify: bool = True) -> list[dict] | None:
+    """The planted records of a pipeline folder's planted.json, None if it has none. The folder's
+    weight files must have the sha256 it recorded (`verify=False` skips the check): planted
+    concepts are ground truth only for the weights they were planted in."""
+    directory = Path(directory)
+    path = directory / PLANTED_FILE
+    if not path.is_file():
+        return None
+    data = read_object(path, "planted-concepts manifest")
+    planted = data.get("planted")
+    if not isinstance(planted, list) or not all(isinstance(r, dict) and isinstance(r.get("concept"), str) for r in planted):
+        raise ArtifactError(f"{path} is not a valid planted-concepts manifest: 'planted' must list records with a concept")
+    verify_files(directory, data.get(SHA256), _weight_files(directory), manifest=path, verify=verify)
+    return planted
+
+
+def _read_manifest(directory: Path, pipeline: Pipeline, verify: bool = True) -> tuple[GenerationDefaults, list[dict]]:
     """Generation defaults and planted records of a pipeline folder: from their own files, else
     from the UNet config (where `save_pretrained` of a loaded model wrote them)."""
     saved = pipeline.unet.config.get(CONFIG_KEY) or {}
     defaults = _read_json(directory / DEFAULTS_FILE) or saved.get("defaults") or {}
-    planted = (_read_json(directory / PLANTED_FILE) or {}).get("planted", saved.get("planted", []))
-    return GenerationDefaults(**defaults), planted
+    planted = read_planted(directory, verify=verify)
+    return GenerationDefaults(**defaults), saved.get("planted", []) if planted is None else planted
 
 
 class _ExpectedTypes(logging.Filter):
@@ -191,17 +222,19 @@ def load(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     local_files_only: bool = False,
+    verify: bool = True,
 ) -> DiffusionModel:
     """A traceable model: "conceptworld" (bundled v2, offline), "conceptworld-v1", a local pipeline
     directory or a hub id (SD 1.x/2.x or SDXL), or a `StableDiffusionPipeline` or
     `StableDiffusionXLPipeline` object. `model.pipeline` is the raw pipeline, `model.defaults` its
-    generation defaults and `model.planted` its planted concepts."""
+    generation defaults and `model.planted` its planted concepts (from planted.json, whose
+    recorded weight hashes are checked unless `verify=False`: `read_planted`)."""
     if isinstance(name_or_path, tuple(PIPELINE_KWARGS)):
         return wrap(name_or_path)
     if isinstance(name_or_path, DiffusionPipeline):
         raise TypeError(f"acterase_interp runs SD 1.x/2.x and SDXL pipelines, not a {type(name_or_path).__name__}")
     pipe = load_pipeline(name_or_path, device=device, dtype=dtype, local_files_only=local_files_only)
-    return wrap(pipe, *_read_manifest(Path(pipe.config._name_or_path or "."), pipe))
+    return wrap(pipe, *_read_manifest(Path(pipe.config._name_or_path or "."), pipe, verify))
 
 
 def architecture_hash(pipeline: Pipeline) -> str:

@@ -5,7 +5,6 @@ An eraser is tensors and provenance only: it keeps no reference to the statistic
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -15,9 +14,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
-from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
+from ..integrity import SHA256, ArtifactError, file_hashes, load_tensors, malformed, read_object, verify_files
+from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json, interrupted_hint
 from ..loading import architecture_hash
 from ..patching import StepSchedule, from_tokens, patch_in_trace, patched, to_tokens, unet_of
 from ..provenance import library_versions
@@ -274,23 +273,32 @@ class Eraser:
                 statistics.write_to(folder / STATISTICS)
             manifest = {"format": FORMAT, **self.manifest, "sites": [site_to_dict(s) for s in self.sites]}
             manifest.setdefault("versions", library_versions())
+            manifest[SHA256] = file_hashes(folder, (MASKS, VALUES))  # checked by `load`
             atomic_write_json(manifest, folder / MANIFEST)
 
         atomic_write_dir(path, MANIFEST, write)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, model: Any = None) -> Eraser:
+    def load(cls, path: str | os.PathLike, model: Any = None, *, verify: bool = True) -> Eraser:
         """An eraser written by `save` (any statistics beside it stay on disk: `FitStatistics.load`).
+        The masks and values must have the sha256 the manifest recorded (an `ArtifactError` names
+        the file and both hashes); `verify=False` skips the check, for a mask edited on purpose.
         With `model`, checks that it has the fitted architecture and sites, and moves the tensors
         to its device."""
         folder = Path(path).expanduser()
         if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"no eraser in {folder} (expected {MANIFEST})")
-        manifest = json.loads((folder / MANIFEST).read_text())
+            raise FileNotFoundError(f"no eraser in {folder} (expected {MANIFEST}){interrupted_hint(folder, MANIFEST)}")
+        manifest = read_object(folder / MANIFEST, "eraser manifest")
         if manifest.pop("format", None) != FORMAT:
-            raise ValueError(f"{folder / MANIFEST} is not an {FORMAT} manifest")
-        sites = tuple(site_from_dict(s) for s in manifest.pop("sites"))
-        eraser = cls(sites, load_file(folder / MASKS), load_file(folder / VALUES), manifest)
+            raise ArtifactError(f"{folder / MANIFEST} is not an {FORMAT} manifest")
+        verify_files(folder, manifest.pop(SHA256, None), (MASKS, VALUES), manifest=folder / MANIFEST, verify=verify)
+        try:
+            sites = tuple(site_from_dict(s) for s in manifest.pop("sites"))
+            eraser = cls(sites, load_tensors(folder / MASKS), load_tensors(folder / VALUES), manifest)
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise malformed(folder / MANIFEST, "eraser manifest", err) from err
         if model is not None:
             eraser.check_model(model)
             eraser = eraser.to(unet_of(model).device)

@@ -3,13 +3,13 @@ rephrase of the same scene that donates the replacement activations."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..integrity import ArtifactError, read_object
 from ..io import atomic_write_json
 from ..loading import DATA_ENV, data_path, shipped_data_dir
 
@@ -19,7 +19,10 @@ _LISTS = ("targets", "sources", "heldout", "non_target")
 def _prompts(name: str, value: Any) -> tuple[str, ...]:
     if isinstance(value, str):
         raise TypeError(f"{name} must be a list of prompts, not one string")
-    prompts = tuple(value)
+    try:
+        prompts = tuple(value)
+    except TypeError:
+        raise TypeError(f"{name} must be a list of prompts, not {type(value).__name__}") from None
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise TypeError(f"{name}[{i}] must be a string, got {type(p).__name__}")
@@ -75,9 +78,13 @@ class PromptPairs:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PromptPairs:
+        if not isinstance(data, dict):
+            raise TypeError(f"prompt pairs must be a JSON object, not {type(data).__name__}")
         unknown = set(data) - {"concept", *_LISTS, "meta"}
         if unknown:
             raise ValueError(f"unknown field(s) {sorted(unknown)} in prompt pairs")
+        if missing := [k for k in ("concept", "targets", "sources") if k not in data]:
+            raise ValueError(f"prompt pairs need the field(s) {missing}")
         return cls(**data)
 
     def save(self, path: str | os.PathLike) -> None:
@@ -98,10 +105,8 @@ class PromptPairs:
                 raise FileNotFoundError(f"no prompt pairs named {str(name_or_path)!r} in {where}; known: {known}")
         if not path.is_file():
             raise FileNotFoundError(f"no prompt pairs file at {path}")
+        data = read_object(path, "prompt pairs (an object with concept, targets and sources)")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must hold a JSON object with concept, targets and sources")
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as err:
+            raise ArtifactError(f"{path}: {err}") from err

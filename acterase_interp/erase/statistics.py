@@ -7,16 +7,15 @@ Statistics build erasers (`eraser`, i.e. `Eraser.from_statistics`); erasers neve
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
+from ..integrity import SHA256, ArtifactError, file_hashes, load_tensors, malformed, read_object, verify_files
+from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json, interrupted_hint
 from ..sites import Site, select_sites
 from ._util import site_from_dict, site_to_dict
 from .eraser import STATISTICS, Eraser
@@ -181,22 +180,37 @@ class FitStatistics:
         atomic_save_safetensors(tensors, folder / TENSORS)
         meta = self.manifest()
         meta.update(format=FORMAT, sites=[site_to_dict(s) for s in self.sites])
+        meta[SHA256] = file_hashes(folder, [TENSORS])  # checked by `load`
         atomic_write_json(meta, folder / MANIFEST)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> FitStatistics:
-        """Statistics written by `save`, or stored beside an eraser by `Eraser.save(path, statistics=...)`."""
+    def load(cls, path: str | os.PathLike, *, verify: bool = True) -> FitStatistics:
+        """Statistics written by `save`, or stored beside an eraser by `Eraser.save(path, statistics=...)`.
+        The tensor file must have the sha256 its manifest recorded; `verify=False` skips the check."""
         folder = Path(path).expanduser()
         if not (folder / MANIFEST).is_file() and (folder / STATISTICS / MANIFEST).is_file():
             folder = folder / STATISTICS
         if not (folder / MANIFEST).is_file() or not (folder / TENSORS).is_file():
-            raise FileNotFoundError(f"no fit statistics in {folder} (expected {MANIFEST} and {TENSORS})")
-        meta = json.loads((folder / MANIFEST).read_text())
+            hint = interrupted_hint(folder, MANIFEST)
+            raise FileNotFoundError(f"no fit statistics in {folder} (expected {MANIFEST} and {TENSORS}){hint}")
+        meta = read_object(folder / MANIFEST, "fit statistics manifest")
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{folder} holds format {meta.get('format')!r}, expected {FORMAT!r}")
+            raise ArtifactError(f"{folder} holds format {meta.get('format')!r}, expected {FORMAT!r}")
+        verify_files(folder, meta.get(SHA256), [TENSORS], manifest=folder / MANIFEST, verify=verify)
+        try:
+            return cls._from_files(meta, load_tensors(folder / TENSORS))
+        except ArtifactError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise malformed(folder / MANIFEST, "fit statistics manifest", err) from err
+
+    @classmethod
+    def _from_files(cls, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> FitStatistics:
         fields: dict[str, dict[str, torch.Tensor]] = {name: {} for name in _TENSOR_FIELDS}
-        for key, tensor in load_file(folder / TENSORS).items():
-            name, site = key.split("/", 1)
+        for key, tensor in tensors.items():
+            name, _, site = key.partition("/")
+            if name not in fields or not site:
+                raise ValueError(f"unexpected tensor {key!r} in {TENSORS}")
             fields[name][site] = tensor
         return cls(
             sites=tuple(site_from_dict(s) for s in meta["sites"]),

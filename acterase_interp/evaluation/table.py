@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from ..erase.options import EraseOptions
 from ..executor import Executor, require_spec, resolve, run_cells
+from ..integrity import SHA256, ArtifactError, mismatch, read_object, sha256_json, warn_unverified
 from ..io import atomic_write_json
 from ..loading import architecture_hash
 from ..metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
@@ -173,19 +174,48 @@ def _run_cell(model: Any, classifier: Any, concept: str, seed: int, spec: TableS
     rows, record = _run_seed(model, classifier, concept, seed, spec, steps)
     record["seconds"], record["git_commit"] = time.perf_counter() - start, commit
     if folder is not None:
-        atomic_write_json({"format": CELL_FORMAT, "key": key, "rows": rows, "record": record},
-                          _cell_path(folder, concept, seed))  # fmt: skip
+        write_cell(_cell_path(folder, concept, seed), key, rows, record)
     return rows, record
 
 
-def _finished(folder: Path | None, concept: str, seed: int, key: str) -> tuple[list[dict], dict] | None:
-    path = None if folder is None else _cell_path(folder, concept, seed)
-    if path is None or not path.is_file():
+def write_cell(path: str | os.PathLike, key: str, rows: list[dict], record: dict) -> None:
+    """A finished (concept, seed) cell as JSON, with the sha256 of each row and of the record."""
+    hashes = {"rows": [sha256_json(r) for r in rows], "record": sha256_json(record)}
+    atomic_write_json({"format": CELL_FORMAT, "key": key, "rows": rows, "record": record, SHA256: hashes}, path)
+
+
+def read_cell(path: str | os.PathLike, key: str, *, verify: bool = True) -> tuple[list[dict], dict] | None:
+    """The rows and record of a cell written by `write_cell`; None where there is none, or it was
+    measured under another key (another spec or other weights: it is measured again and
+    overwritten). A damaged cell, or one whose rows differ from their recorded sha256 (unless
+    `verify=False`), is an `ArtifactError`."""
+    path = Path(path)
+    if not path.is_file():
         return None
-    cell = json.loads(path.read_text())
+    cell = read_object(path, "evaluation cell")
     if cell.get("format") != CELL_FORMAT or cell.get("key") != key:
-        return None  # another spec or other weights: measured again, and overwritten
-    return cell["rows"], cell["record"]
+        return None
+    rows, record = cell.get("rows"), cell.get("record")
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows) or not isinstance(record, dict):
+        raise ArtifactError(f"{path} is not a valid evaluation cell: it needs a list of row objects and a record")
+    if verify:
+        _check_cell(path, cell.get(SHA256), rows, record)
+    return rows, record
+
+
+def _check_cell(path: Path, recorded: Any, rows: list[dict], record: dict) -> None:
+    if recorded is None:
+        warn_unverified(path)
+        return
+    fix = "delete it to measure the cell again"
+    hashes = recorded.get("rows") if isinstance(recorded, dict) else None
+    if not isinstance(hashes, list) or len(hashes) != len(rows):
+        raise ArtifactError(f"{path}: its {SHA256!r} field does not list one hash per row; {fix}")
+    for i, (row, want) in enumerate(zip(rows, hashes)):
+        if (found := sha256_json(row)) != want:
+            raise mismatch(f"row {i} of {path}", want, found, path, fix)
+    if (found := sha256_json(record)) != recorded.get("record"):
+        raise mismatch(f"the record of {path}", recorded.get("record"), found, path, fix)
 
 
 def _value(row: dict, column: str) -> float | None:
@@ -220,9 +250,9 @@ def load_result(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no evaluation table at {path}: run `acterase evaluate --out {path.parent}`")
-    result = json.loads(path.read_text())
+    result = read_object(path, "evaluation table")
     if result.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an evaluation table (format {result.get('format')!r}, expected {FORMAT!r})")
+        raise ArtifactError(f"{path} is not an evaluation table (format {result.get('format')!r}, expected {FORMAT!r})")
     return result
 
 
@@ -284,7 +314,7 @@ def command_line(spec: TableSpec, model: str = "conceptworld") -> str:
 
 
 def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, executor: Executor | None = None,
-              checkpoints: str | os.PathLike | None = None, progress: bool = True) -> dict:
+              checkpoints: str | os.PathLike | None = None, progress: bool = True, verify: bool = True) -> dict:
     """Every method on every concept and seed of `spec` (see the module docstring). Returns a
     JSON-ready dict: "format", "rows" (one per concept, method and seed), "summary" (seed means),
     "records" (per concept and seed: prompts, their hashes, evaluation seeds) and "manifest".
@@ -295,7 +325,9 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
 
     With `checkpoints` (a folder), each finished (concept, seed) cell is written there as it ends,
     and cells already there with the same budgets, methods and weights are read instead of run:
-    a stopped table resumes where it stopped. `manifest["resumed"]` lists the cells read back."""
+    a stopped table resumes where it stopped. `manifest["resumed"]` lists the cells read back.
+    Each cell read back must match the sha256 recorded for its rows (`read_cell`; `verify=False`
+    skips the check)."""
     from ..demo import weights_hash
 
     if executor is not None:
@@ -310,7 +342,9 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
               "classifier_hash": weights_hash(local_classifier)}  # fmt: skip
     key, folder = _cell_key(spec, steps, hashes), None if checkpoints is None else Path(checkpoints)
     order = [(c, s) for c in spec.concepts for s in spec.seeds]
-    done = {cs: cell for cs in order if (cell := _finished(folder, *cs, key)) is not None}
+    done = {}
+    if folder is not None:
+        done = {cs: cell for cs in order if (cell := read_cell(_cell_path(folder, *cs), key, verify=verify)) is not None}
     todo = [cs for cs in order if cs not in done]
     cells = [(model, classifier, c, s, spec, steps, folder, key) for c, s in todo]
     measured = dict(zip(todo, run_cells(_run_cell, cells, executor, desc="evaluate", progress=progress)))
@@ -336,4 +370,4 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
     return {"format": FORMAT, "rows": rows, "summary": summarize(rows), "records": records, "manifest": manifest}
 
 
-__all__ = ["COLUMNS", "HIGHER_IS_BETTER", "TITLES", "TableSpec", "command_line", "comparisons", "load_result", "markdown", "run_table", "summarize"]
+__all__ = ["COLUMNS", "HIGHER_IS_BETTER", "TITLES", "TableSpec", "command_line", "comparisons", "load_result", "markdown", "read_cell", "run_table", "summarize", "write_cell"]

@@ -20,7 +20,7 @@ from diffusers import (
 from transformers import BertModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from ..io import atomic_write_json
-from ..loading import CONFIG_KEY, DEFAULTS_FILE, PLANTED_FILE, GenerationDefaults
+from ..loading import CONFIG_KEY, DEFAULTS_FILE, GenerationDefaults, write_planted
 from . import text_encoder
 from .tokenizer import MAX_LENGTH
 
@@ -101,13 +101,13 @@ def save_world(pipeline: StableDiffusionPipeline, directory: Path, planted: list
     pipeline.unet.register_to_config(**{CONFIG_KEY: manifest})
     pipeline.save_pretrained(tmp, safe_serialization=True)
     write_defaults(tmp)
-    if planted:
-        atomic_write_json({"planted": planted}, tmp / PLANTED_FILE)
     if isinstance(pipeline.text_encoder, BertModel):
         for part in ("text_encoder", "tokenizer"):
             shutil.rmtree(tmp / part)
         frozen = {"package": text_encoder.PACKAGE, "sha256": text_encoder.SHA256}
         atomic_write_json(frozen, tmp / text_encoder.FROZEN_ENCODER_FILE)
+    if planted:
+        write_planted(tmp, planted)  # last: it hashes the weight files as they stay
     old = directory.with_name(directory.name + ".old")
     if directory.exists():
         directory.rename(old)
