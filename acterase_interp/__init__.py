@@ -7,11 +7,13 @@ silence_torchvision_fallback()  # before diffusers imports transformers' image p
 
 
 from .erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
+from .integrity import ArtifactError
 from .generation import TextInjection, TextLayerInjection, generate
 from .loading import GenerationDefaults, architecture_hash, load, load_pipeline, wrap
 from .sites import PRESETS, SITE_KINDS, Site, discover_sites, select_sites, site_by_name
 
 __all__ = [
+    "ArtifactError",
     "PRESETS",
     "SITE_KINDS",
     "EraseOptions",
