@@ -239,3 +239,24 @@ def test_leaderboard_end_to_end_and_resumes(tmp_path):
     written = cell.stat().st_mtime_ns
     again = board.run_leaderboard(["default:heart"], options, tmp_path, progress=False)
     assert cell.stat().st_mtime_ns == written and again["rows"] == result["rows"]
+
+
+def test_goal_summary_picks_the_localizer_meeting_most_goals_on_the_half():
+    def row(loc, planting, family, metric, value, split="test"):
+        goal = board.GOALS.get(metric)
+        met = None if goal is None else (value >= goal[1] if goal[0] == ">=" else value <= goal[1])
+        return {"localizer": loc, "planting": planting, "split": split, "family": family, "metric": metric,
+                "value": value, "goal": None, "met": met}
+
+    rows = [row("a", "u", "ffn_units", "unit_auroc", 0.995), row("a", "u", "ffn_units", "iou_at_k", 0.5),
+            row("b", "u", "ffn_units", "unit_auroc", 0.9), row("b", "u", "ffn_units", "iou_at_k", 0.9),
+            row("a", "r", "lowrank", "principal_angle", 10.0), row("b", "r", "lowrank", "principal_angle", 40.0),
+            row("b", "x", "attn1", "sites_first", 1.0), row("a", "x", "attn1", "sites_first", 1.0),
+            row("b", "d", "ffn_units", "unit_auroc", 1.0, split="dev")]  # fmt: skip
+    summary = board.goal_summary(rows, "test")
+    assert summary["cells_met"] == {"a": 3, "b": 2} and summary["best_localizer"] == "a"
+    cells = {(c["planting"], c["metric"]): c for c in summary["goals"]}
+    assert cells[("u", "iou_at_k")]["met"] is False and cells[("u", "iou_at_k")]["best_any"] == 0.9
+    assert cells[("r", "principal_angle")]["best_any"] == 10.0
+    assert cells[("u", "sites_first")]["value"] is None  # not measured: reported, not counted as met
+    assert summary["cells"] == 4 + 3 + 2  # units: 4 goals, low rank: 3, attn1: 2

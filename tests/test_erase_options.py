@@ -9,6 +9,7 @@ import torch
 
 from acterase_interp.erase import EraseOptions, PromptPairs
 from acterase_interp.erase.masks import importance_mask, passes_threshold
+from acterase_interp.erase.options import PAIR_COMBINES, TIME_MASKS
 
 
 def test_defaults_are_the_papers_reading():
@@ -171,3 +172,43 @@ def test_token_unit_masks_keep_the_token_axis():
     mask = importance_mask(source, target, EraseOptions(tau=0.5, granularity="token_unit"))
     assert mask.shape == (1, 5, 7)
     assert mask.equal((passes_threshold(source, 0.5, "fraction") & (source < target)).any(1).any(0).unsqueeze(0))
+
+
+def _reference_mask(source, target, options):
+    """Eq. 5 as first written: a top-k cut per (pair, step), then boolean combinations."""
+    import math
+
+    flat = source.flatten(2)
+    if options.tau_mode == "fraction":
+        k = max(1, math.ceil(options.tau * flat.shape[-1] - 1e-9))
+        passes = (flat >= flat.topk(k, dim=-1).values[..., -1:]).view_as(source)
+    else:
+        top = flat.amax(dim=-1, keepdim=True)
+        passes = (torch.where(top > 0, flat / top, torch.zeros_like(flat)) >= options.tau).view_as(source)
+    rules = {"union": lambda m, d: m.any(d), "intersection": lambda m, d: m.all(d),
+             "majority": lambda m, d: m.sum(d) * 2 > m.shape[d], "last": lambda m, d: m.select(d, -1)}  # fmt: skip
+    masks = passes & (source < target)
+    if options.time_mask != "per_step":
+        masks = rules[options.time_mask](masks, 1).unsqueeze(1)
+    mask = rules[options.pair_combine](masks, 0)
+    return mask if mask.ndim == 3 else mask.unsqueeze(1)
+
+
+@pytest.mark.parametrize("tau_mode", ["fraction", "absolute"])
+@pytest.mark.parametrize("time_mask", TIME_MASKS)
+@pytest.mark.parametrize("pair_combine", PAIR_COMBINES)
+def test_levels_computed_once_give_the_reference_mask_at_every_tau(tau_mode, time_mask, pair_combine):
+    """Re-thresholding reads levels computed once per fit; at every tau, granularity and rule they
+    give the top-k mask bit for bit, ties at the cut included (scores drawn from few values)."""
+    from acterase_interp.erase.masks import mask_levels
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(4, 5, 40), (3, 4, 6, 10)]:  # (pair, step, unit) and (pair, step, token, unit)
+        source = torch.randint(0, 6, shape, generator=g).float() / 5
+        target = torch.randint(0, 6, shape, generator=g).float() / 5
+        levels = mask_levels(source, target, tau_mode, time_mask, pair_combine)
+        for tau in (0.01, 0.05, 0.1, 0.25, 0.3, 0.5, 0.8, 1.0):
+            options = EraseOptions(tau=tau, tau_mode=tau_mode, time_mask=time_mask, pair_combine=pair_combine)
+            expected = _reference_mask(source, target, options)
+            assert torch.equal(importance_mask(source, target, options, levels), expected)
+            assert torch.equal(importance_mask(source, target, options), expected)

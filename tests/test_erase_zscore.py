@@ -75,7 +75,7 @@ def test_statistics_without_second_moments_load_and_refuse_only_zscore(tmp_path)
     # an artifact from before second moments were collected
     path = tmp_path / "stats" / TENSORS
     save_file({k: v for k, v in load_file(path).items() if not k.startswith("square_")}, path)
-    old = FitStatistics.load(tmp_path / "stats")
+    old = FitStatistics.load(tmp_path / "stats", verify=False)  # the edit above changed the hashed file
     assert old.square_mean_source == {} and torch.equal(old.eraser().masks["mid.0.ffn_out"], st.eraser().masks["mid.0.ffn_out"])
     with pytest.raises(ValueError, match="second moments"):
         old.eraser(ranking="zscore", top_k=2)

@@ -7,10 +7,12 @@ import torch
 from acterase_interp.demo import weights_hash
 from acterase_interp.erase.options import EraseOptions
 from acterase_interp.evaluation.baselines import (
+    FIA,
     METHODS,
     SLD,
     UCE,
     ActErase,
+    CASteer,
     ConceptPrune,
     ESDx,
     NegativePrompt,
@@ -41,7 +43,10 @@ def _hash(model):
     lambda: NegativePrompt(), lambda: SLD(), lambda: UCE(), lambda: ConceptPrune(top_fraction=0.2, num_inference_steps=STEPS),
     lambda: ESDx(steps=2, batch=2, images_per_prompt=1, num_inference_steps=STEPS, lr=1e-2),
     lambda: ActErase(EraseOptions(num_inference_steps=STEPS), tau=0.5),
-], ids=["negative_prompt", "sld", "uce", "concept_prune", "esd_x", "acterase"])  # fmt: skip
+    lambda: ConceptPrune(top_fraction=0.2, rule="unit", num_inference_steps=STEPS),
+    lambda: FIA(r2=0.05, num_inference_steps=STEPS), lambda: CASteer(num_inference_steps=STEPS),
+], ids=["negative_prompt", "sld", "uce", "concept_prune", "esd_x", "acterase", "concept_prune_unit", "fia",
+        "casteer"])  # fmt: skip
 def test_each_method_erases_inside_and_leaves_the_model_bit_identical(setup, make):
     model, pairs, prompts, plain = setup
     before = _hash(model)
@@ -91,9 +96,9 @@ def test_uce_maps_target_states_onto_source_states(setup):
         assert torch.allclose(c @ w.T, want, atol=1e-3 * want.abs().max().item()), name
 
 
-def test_concept_prune_zeroes_only_the_chosen_units(setup):
+def test_concept_prune_unit_rule_zeroes_only_the_chosen_units(setup):
     model, pairs, _, _ = setup
-    prune = ConceptPrune(top_fraction=0.2, num_inference_steps=STEPS).fit(model, pairs)
+    prune = ConceptPrune(top_fraction=0.2, rule="unit", num_inference_steps=STEPS).fit(model, pairs)
     params = dict(model.pipeline.unet.named_parameters())
     assert sum(map(len, prune.units_.values())) > 0
     for block, units in prune.units_.items():

@@ -13,9 +13,11 @@ from nnsight import DiffusionModel
 from acterase_interp.erase import EraseOptions, PromptPairs
 from acterase_interp.evaluation.attacks import concept_inversion, learned_token, prompt_search
 from acterase_interp.evaluation.baselines import (
+    FIA,
     SLD,
     UCE,
     ActErase,
+    CASteer,
     ConceptPrune,
     ESDx,
     NegativePrompt,
@@ -66,7 +68,8 @@ def _assert_unchanged(model, weights: dict[str, torch.Tensor], plain: torch.Tens
     NegativePrompt, SLD, UCE, lambda: ConceptPrune(top_fraction=0.2, num_inference_steps=STEPS),
     lambda: ESDx(steps=2, batch=2, images_per_prompt=1, num_inference_steps=STEPS, lr=1e-2),
     lambda: ActErase(EraseOptions(num_inference_steps=STEPS), tau=0.5),
-], ids=["negative_prompt", "sld", "uce", "concept_prune", "esd_x", "acterase"])  # fmt: skip
+    lambda: FIA(r2=0.05, num_inference_steps=STEPS), lambda: CASteer(num_inference_steps=STEPS),
+], ids=["negative_prompt", "sld", "uce", "concept_prune", "esd_x", "acterase", "fia", "casteer"])  # fmt: skip
 def test_each_method_runs_on_sdxl_and_leaves_it_bit_identical(tiny, pairs, plain, make):
     weights = _weights(tiny)
     method = make().fit(tiny, pairs)
@@ -139,8 +142,13 @@ def test_uce_is_the_least_squares_map_of_target_onto_source_states_on_sdxl(tiny,
 
 def test_concept_prune_and_esd_edit_what_they_should_on_sdxl(tiny, pairs):
     prune = ConceptPrune(top_fraction=0.2, num_inference_steps=STEPS).fit(tiny, pairs)
-    assert len(prune.units_) == 70 and sum(map(len, prune.units_.values())) > 0
-    assert all(not prune.edits_[f"{b}.ff.net.2.weight"][:, u].any() for b, u in prune.units_.items())
+    params = dict(tiny.pipeline.unet.named_parameters())
+    assert len(prune.masks_) == 70 and prune.density_ > 0
+    assert all(torch.equal(prune.edits_[f"{b}.ff.net.2.weight"], params[f"{b}.ff.net.2.weight"].detach() * ~m)
+               for b, m in prune.masks_.items())  # fmt: skip
+    units = ConceptPrune(top_fraction=0.2, rule="unit", num_inference_steps=STEPS).fit(tiny, pairs)
+    assert sum(map(len, units.units_.values())) > 0
+    assert all(not units.edits_[f"{b}.ff.net.2.weight"][:, u].any() for b, u in units.units_.items())
     esd = ESDx(steps=2, batch=2, images_per_prompt=1, num_inference_steps=STEPS).fit(tiny, pairs)
     assert esd.edits_ and all(".attn2." in n for n in esd.edits_) and len(esd.losses_) == 2
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -235,7 +236,7 @@ def _identity(model: Any, truth: PlantingTruth) -> dict[str, Any]:
 
 def run_planting(name: str, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     """Every localizer of `options` on planting `name`: {"rows", "curves", "planting"} (JSON-ready)."""
-    start = time.perf_counter()
+    start, commit = time.perf_counter(), git_commit()  # at the start: the code that scores is the code checked out now
     model, truth, classifier = open_planting(name)
     steps = options.num_inference_steps or model.defaults.num_inference_steps
     pairs = conceptworld_pairs(truth.concept, n=options.n_pairs, seed=0)
@@ -265,7 +266,8 @@ def run_planting(name: str, options: BenchOptions, progress: bool = True) -> dic
                  _row(localizer.name, truth, "faithfulness_damage_auc", curve.damage_auc)]  # fmt: skip
         curves.append({"localizer": localizer.name, "planting": truth.name, "split": truth.split, **asdict(curve)})
     planting = {**_identity(model, truth), "architecture_hash": stats.architecture_hash, "fit_seeds": list(stats.seeds),
-                "load_and_fit_seconds": round(fit_seconds, 1), "seconds": round(time.perf_counter() - start, 1)}  # fmt: skip
+                "load_and_fit_seconds": round(fit_seconds, 1), "seconds": round(time.perf_counter() - start, 1),
+                "git_commit": commit}  # fmt: skip
     return {"rows": [asdict(r) for r in rows], "curves": curves, "planting": planting}
 
 
@@ -289,7 +291,7 @@ def _cell(name: str, options: BenchOptions, folder: Path, progress: bool) -> dic
 
 
 def run_leaderboard(plantings: Sequence[str], options: BenchOptions, out: Path, workers: int = 0,
-                    progress: bool = True) -> dict[str, Any]:  # fmt: skip
+                    progress: bool = True, command: str | None = None) -> dict[str, Any]:  # fmt: skip
     """Every cell (here, or on `workers` one-thread processes), then `results.json` and `table.md` in `out`."""
     from ..executor import one_thread_processes, run_cells
 
@@ -307,7 +309,7 @@ def run_leaderboard(plantings: Sequence[str], options: BenchOptions, out: Path, 
         "curves": [r for c in results for r in c["curves"]],
         "manifest": {"options": options.to_dict(), "localizers": {l.name: _jsonable(l.options()) for l in options.build()},
                      "plantings": {n: c["planting"] for n, c in zip(plantings, results)}, "goals": GOALS,
-                     "versions": library_versions(), "git_commit": git_commit()},
+                     "versions": library_versions(), "git_commit": git_commit(), "command": command},
     }  # fmt: skip
     atomic_write_json(board, out / "results.json")
     atomic_write_text(markdown_table(board["rows"]), out / "table.md")
@@ -354,6 +356,47 @@ def markdown_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+GOAL_KINDS: dict[str, tuple[str, ...]] = {
+    "ffn_units": ("unit_auroc", "iou_at_k", "sites_first", "family_first"),
+    "lowrank": ("principal_angle", "sites_first", "family_first"),
+}
+"""Which goals apply to a planting family (the issue's: sparse plantings by units, rotated ones by
+angle, every planting by site rank); any other family is held to the site-level goals."""
+
+
+def goals_of(family: str) -> tuple[str, ...]:
+    return GOAL_KINDS.get(family, ("sites_first", "family_first"))
+
+
+def goal_summary(rows: Sequence[dict], split: str = "test") -> dict[str, Any]:
+    """The issue's goals on one half: per localizer, how many (planting, goal) cells it meets; the
+    best localizer (most cells met; ties: higher mean unit AUROC); and, per planting and goal, the
+    best localizer's value and whether it meets the goal, beside the best value any localizer reached."""
+    half = [r for r in rows if r["split"] == split and r["metric"] in GOALS]
+    plantings = {r["planting"]: r["family"] for r in half}
+    wanted = [(p, m) for p, f in plantings.items() for m in goals_of(f)]
+    index = {(r["planting"], r["localizer"], r["metric"]): r for r in half}
+    localizers = sorted({r["localizer"] for r in half})
+    met = {loc: sum(bool((index.get((p, loc, m)) or {}).get("met")) for p, m in wanted) for loc in localizers}
+    auroc = {loc: _mean([r["value"] for r in half if r["localizer"] == loc and r["metric"] == "unit_auroc"]) for loc in localizers}
+    best = max(localizers, key=lambda loc: (met[loc], auroc[loc] if auroc[loc] is not None else -1.0), default=None)
+    cells = []
+    for p, m in wanted:
+        row = index.get((p, best, m))
+        values = [index[(p, loc, m)]["value"] for loc in localizers if (p, loc, m) in index and index[(p, loc, m)]["value"] is not None]
+        op = GOALS[m][0]
+        cells.append({"planting": p, "family": plantings[p], "metric": m, "goal": f"{op} {GOALS[m][1]:g}",
+                      "best_localizer": best, "value": None if row is None else row["value"],
+                      "met": None if row is None else row["met"],
+                      "best_any": (max(values) if op == ">=" else min(values)) if values else None})  # fmt: skip
+    return {"split": split, "cells_met": met, "cells": len(wanted), "best_localizer": best, "goals": cells}
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
 def heatmap(rows: Sequence[dict], metric: str, split: str | None = None) -> Any:
     """A plotly heat map of `metric`, localizers (rows) x plantings (columns), of one half or both."""
     from ..analysis.figures import heatmap as records_heatmap
@@ -362,6 +405,19 @@ def heatmap(rows: Sequence[dict], metric: str, split: str | None = None) -> Any:
     if not chosen:
         raise ValueError(f"no rows of metric {metric!r}" + (f" in the {split} half" if split else ""))
     return records_heatmap(chosen, x="planting", y="localizer", value="value", title=f"{metric} ({split or 'both halves'})")
+
+
+def faithfulness_figure(curves: Sequence[dict], planting: str) -> Any:
+    """The concept rate as each localizer's top-n units are patched (n on the grid, log axis; n = 0
+    drawn at 0.5), one line per localizer, for one planting."""
+    from ..analysis.figures import curves as curve_figure
+
+    records = [{"localizer": c["localizer"], "n": max(n, 0.5), "concept_rate": rate}
+               for c in curves if c["planting"] == planting for n, rate in zip(c["n"], c["concept_rate"])]  # fmt: skip
+    if not records:
+        raise ValueError(f"no faithfulness curves of planting {planting!r}")
+    return curve_figure(records, "n", "concept_rate", group="localizer", log_x=True,
+                        title=f"{planting}: concept rate as the top-n units are patched to the source mean")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -383,7 +439,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     options = BenchOptions(n_pairs=args.n_pairs, seeds=tuple(args.seeds), num_inference_steps=args.steps,
                            faithfulness_grid=tuple(args.grid), causal_candidates=args.causal_candidates,
                            localizers=tuple(args.localizers))  # fmt: skip
-    board = run_leaderboard(args.plantings, options, args.out, args.workers)
+    board = run_leaderboard(args.plantings, options, args.out, args.workers,
+                            command="python -m acterase_interp.bench.leaderboard " + " ".join(argv if argv is not None else sys.argv[1:]))
     print(markdown_table(board["rows"]))
     print(f"wrote {args.out / 'results.json'} and {args.out / 'table.md'}")
     return board

@@ -141,7 +141,8 @@ class Eraser:
             raise ValueError("granularity='token_unit' needs a fit with granularity='token_unit'; this one is per unit")
         source = statistics.token_importance_source if token else statistics.importance_source
         target = statistics.token_importance_target if token else statistics.importance_target
-        masks = {s.name: importance_mask(source[s.name], target[s.name], options) for s in sites}
+        masks = {s.name: importance_mask(source[s.name], target[s.name], options, statistics.mask_levels(s.name, options))
+                 for s in sites}  # fmt: skip
         return cls(sites=sites, masks=masks, values=kept, manifest=manifest)
 
     # -- properties -------------------------------------------------------------

@@ -17,38 +17,66 @@ def passes_threshold(scores: torch.Tensor, tau: float, tau_mode: str) -> torch.T
 
     `fraction`: the ceil(tau * n) largest of the layer's n entries pass (ties at the cut pass too).
     `absolute`: an entry passes when score / (the layer's largest score) >= tau."""
+    return _level(scores, tau_mode) >= threshold(tau, tau_mode, scores[0, 0].numel())
+
+
+def threshold(tau: float, tau_mode: str, n: int) -> float:
+    """The level an entry must reach to pass (`_level`): tau itself, or 1 - k for the k largest."""
+    if tau_mode == "fraction":
+        return 1 - max(1, math.ceil(tau * n - 1e-9))  # the epsilon keeps 0.3 * 10 at 3
+    return tau
+
+
+def _level(scores: torch.Tensor, tau_mode: str) -> torch.Tensor:
+    """Per entry, a value that passes a threshold exactly when the entry does, for every tau at once.
+    `fraction`: minus the number of the layer's entries strictly above it (it is among the k largest,
+    ties at the cut included, iff fewer than k are above it); `absolute`: score over the layer's largest."""
     flat = scores.flatten(2)
     if tau_mode == "fraction":
-        k = max(1, math.ceil(tau * flat.shape[-1] - 1e-9))  # the epsilon keeps 0.3 * 10 at 3
-        cut = flat.topk(k, dim=-1).values[..., -1:]
-        return (flat >= cut).view_as(scores)
+        ordered = flat.sort(dim=-1, descending=True).values
+        above = torch.searchsorted(-ordered.contiguous(), -flat.contiguous(), side="left")  # ascending view
+        return (-above).view_as(scores).float()
     top = flat.amax(dim=-1, keepdim=True)
     normalised = torch.where(top > 0, flat / top.clamp_min(torch.finfo(flat.dtype).tiny), torch.zeros_like(flat))
-    return (normalised >= tau).view_as(scores)
+    return normalised.view_as(scores)
 
 
-def combine(masks: torch.Tensor, rule: str, dim: int) -> torch.Tensor:
-    """Combine boolean masks along `dim` by a rule: union, intersection, strict majority, last."""
+def combine_levels(levels: torch.Tensor, rule: str, dim: int) -> torch.Tensor:
+    """Combine the masks `levels >= t` along `dim` by a rule (union, intersection, strict majority,
+    last) for every t at once: the combined mask is `combined >= t`. Union is a max, intersection a
+    min, a strict majority of n the (n // 2 + 1)-th largest."""
     if rule == "union":
-        return masks.any(dim)
+        return levels.amax(dim)
     if rule == "intersection":
-        return masks.all(dim)
+        return levels.amin(dim)
     if rule == "majority":
-        return masks.sum(dim) * 2 > masks.shape[dim]
+        return levels.topk(levels.shape[dim] // 2 + 1, dim=dim).values.select(dim, -1)
     if rule == "last":
-        return masks.select(dim, -1)
+        return levels.select(dim, -1)
     raise ValueError(f"unknown combination rule {rule!r}")
 
 
-def importance_mask(source: torch.Tensor, target: torch.Tensor, options: EraseOptions) -> torch.Tensor:
+def mask_levels(source: torch.Tensor, target: torch.Tensor, tau_mode: str, time_mask: str, pair_combine: str) -> torch.Tensor:
+    """The level of every mask entry (steps or 1, tokens or 1, units): Eq. 5's mask at any tau is
+    `levels >= threshold(tau, tau_mode, n)`. Computed once per fit and rule, so a new tau costs one
+    comparison per unit instead of a top-k over every (pair, step)."""
+    levels = _level(source, tau_mode).masked_fill(~(source < target), -math.inf)  # Eq. 5: I_s < I_t
+    if time_mask != "per_step":
+        levels = combine_levels(levels, time_mask, dim=1).unsqueeze(1)
+    levels = combine_levels(levels, pair_combine, dim=0)
+    return levels if levels.ndim == 3 else levels.unsqueeze(1)
+
+
+def importance_mask(
+    source: torch.Tensor, target: torch.Tensor, options: EraseOptions, levels: torch.Tensor | None = None
+) -> torch.Tensor:
     """Eq. 5 per (pair, step), M = (I_s passes the threshold) AND (I_s < I_t), then combined over
     steps (per pair) and then over pairs. `source`/`target`: (pair, step, unit) or
-    (pair, step, token, unit). Returns a bool mask (steps or 1, tokens or 1, units)."""
-    masks = passes_threshold(source, options.tau, options.tau_mode) & (source < target)
-    if options.time_mask != "per_step":
-        masks = combine(masks, options.time_mask, dim=1).unsqueeze(1)
-    mask = combine(masks, options.pair_combine, dim=0)
-    return mask if mask.ndim == 3 else mask.unsqueeze(1)
+    (pair, step, token, unit). Returns a bool mask (steps or 1, tokens or 1, units). `levels`:
+    `mask_levels` of the same scores and rules, when already computed."""
+    if levels is None:
+        levels = mask_levels(source, target, options.tau_mode, options.time_mask, options.pair_combine)
+    return levels >= threshold(options.tau, options.tau_mode, source[0, 0].numel())
 
 
 def zscores(

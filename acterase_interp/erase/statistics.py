@@ -19,7 +19,7 @@ from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json, i
 from ..sites import Site, select_sites
 from ._util import site_from_dict, site_to_dict
 from .eraser import STATISTICS, Eraser
-from .masks import zscores
+from .masks import mask_levels, zscores
 from .options import EraseOptions
 from .pairs import PromptPairs
 
@@ -95,6 +95,9 @@ class FitStatistics:
     """(pair, unit) mean of the squared source activation over steps, tokens and rows (for
     `ranking="zscore"`); empty in statistics saved before second moments were collected."""
     square_mean_target: dict[str, torch.Tensor] = field(default_factory=dict)
+    _levels: dict[tuple, torch.Tensor] = field(default_factory=dict, init=False, repr=False)
+    """`mask_levels` per (site, granularity, tau_mode, time_mask, pair_combine), computed on first
+    use: every later tau re-thresholds with one comparison per unit."""
     """(pair, unit) mean of the squared target activation; empty like `square_mean_source`."""
 
     def __repr__(self) -> str:
@@ -158,6 +161,16 @@ class FitStatistics:
         """Per site, the (pair, unit) difference of mean activations, target minus source (means
         over steps, tokens and rows): one concept direction per pair, for SVD or probes."""
         return {s.name: self.mean_target[s.name] - self.mean_source[s.name] for s in self.sites}
+
+    def mask_levels(self, site_name: str, options: EraseOptions) -> torch.Tensor:
+        """Eq. 5's entry levels of one site under `options`' rules (`masks.mask_levels`), cached."""
+        token = options.granularity == "token_unit"
+        key = (site_name, token, options.tau_mode, options.time_mask, options.pair_combine)
+        if key not in self._levels:
+            source = (self.token_importance_source if token else self.importance_source)[site_name]
+            target = (self.token_importance_target if token else self.importance_target)[site_name]
+            self._levels[key] = mask_levels(source, target, options.tau_mode, options.time_mask, options.pair_combine)
+        return self._levels[key]
 
     def zscores(self, site_name: str) -> torch.Tensor:
         """The (unit,) z-scores of one site (`masks.zscores`: target minus source mean over the

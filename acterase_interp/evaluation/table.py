@@ -106,6 +106,8 @@ def _method(name: str, spec: TableSpec, classifier: Any, steps: int, seed: int) 
         return ESDx(steps=spec.esd_steps, num_inference_steps=steps, seed=seed)
     if name == "concept_prune":
         return ConceptPrune(top_fraction=spec.prune_top_fraction, num_inference_steps=steps, seed=seed)
+    if name in ("fia", "casteer"):
+        return METHODS[name](num_inference_steps=steps, seed=seed)
     return METHODS[name]()  # the rest take no options
 
 
