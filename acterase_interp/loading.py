@@ -13,7 +13,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+from diffusers import (
+    DiffusionPipeline,
+    FluxPipeline,
+    StableDiffusion3Pipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
 from huggingface_hub import hf_hub_download
 from nnsight import DiffusionModel
 from nnsight.modeling.diffusion import _PipelineModule
@@ -34,11 +40,14 @@ CONFIG_KEY = "_acterase"
 """Key of the generation defaults and planted records in the UNet's config: diffusers saves and reloads
 private config keys untouched (and `architecture_hash` ignores them), so `save_pretrained` keeps them."""
 
-Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline
-"""The pipelines the toolkit runs: SD 1.x/2.x (one text encoder) and SDXL (two, pooled embeddings, time ids)."""
+Pipeline = StableDiffusionPipeline | StableDiffusionXLPipeline | FluxPipeline | StableDiffusion3Pipeline
+"""The pipelines the toolkit runs: SD 1.x/2.x (one text encoder), SDXL (two, pooled embeddings, time
+ids), and the diffusion transformers FLUX.1 (CLIP + T5) and SD3 (two CLIPs + T5), flow-matching."""
 PIPELINE_KWARGS: dict[type, dict] = {
     StableDiffusionPipeline: {"safety_checker": None, "requires_safety_checker": False},
     StableDiffusionXLPipeline: {"add_watermarker": False},  # the invisible watermark would alter every image
+    FluxPipeline: {},
+    StableDiffusion3Pipeline: {},
 }
 """Pipeline class -> keyword arguments `load_pipeline` gives its `from_pretrained`."""
 
@@ -86,6 +95,23 @@ class GenerationDefaults:
     """Image width in pixels; None: the pipeline's own default."""
 
 
+def denoiser(pipeline: Pipeline) -> torch.nn.Module:
+    """The pipeline's denoiser: its UNet, or its transformer (FLUX, SD3)."""
+    return pipeline.unet if getattr(pipeline, "unet", None) is not None else pipeline.transformer
+
+
+def model_defaults(pipeline: Pipeline) -> GenerationDefaults:
+    """Generation defaults of a pipeline that ships none: the model cards' for the DiTs (FLUX.1-dev
+    28 steps at guidance 3.5, its embedded guidance; FLUX.1-schnell, which has no guidance embedding,
+    4 steps unguided; SD3 28 steps at classifier-free guidance 7.0), else the paper's 30 at 7.5."""
+    if isinstance(pipeline, FluxPipeline):
+        guided = pipeline.transformer.config.guidance_embeds
+        return GenerationDefaults(28, 3.5) if guided else GenerationDefaults(4, 0.0)
+    if isinstance(pipeline, StableDiffusion3Pipeline):
+        return GenerationDefaults(28, 7.0)
+    return GenerationDefaults()
+
+
 def _read_json(path: Path) -> dict | list | None:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -122,10 +148,11 @@ def read_planted(directory: str | os.PathLike, *, verify: bool = True) -> list[d
 def _read_manifest(directory: Path, pipeline: Pipeline, verify: bool = True) -> tuple[GenerationDefaults, list[dict]]:
     """Generation defaults and planted records of a pipeline folder: from their own files, else
     from the UNet config (where `save_pretrained` of a loaded model wrote them)."""
-    saved = pipeline.unet.config.get(CONFIG_KEY) or {}
-    defaults = _read_json(directory / DEFAULTS_FILE) or saved.get("defaults") or {}
+    saved = denoiser(pipeline).config.get(CONFIG_KEY) or {}
+    defaults = _read_json(directory / DEFAULTS_FILE) or saved.get("defaults")
     planted = read_planted(directory, verify=verify)
-    return GenerationDefaults(**defaults), saved.get("planted", []) if planted is None else planted
+    defaults = GenerationDefaults(**defaults) if defaults else model_defaults(pipeline)
+    return defaults, saved.get("planted", []) if planted is None else planted
 
 
 class _ExpectedTypes(logging.Filter):
@@ -192,7 +219,7 @@ def _pipeline_class(source: str, local_files_only: bool) -> type[Pipeline]:
         if cls.__name__ == name:
             return cls
     known = ", ".join(cls.__name__ for cls in PIPELINE_KWARGS)
-    raise ValueError(f"{source!r} is a {name}; acterase_interp runs {known} (UNet text-to-image pipelines)")
+    raise ValueError(f"{source!r} is a {name}; acterase_interp runs {known} (text-to-image pipelines)")
 
 
 def wrap(
@@ -202,10 +229,10 @@ def wrap(
     `model.defaults` its generation defaults and `model.planted` the records of its planted
     concepts. Both are also put into the UNet's config, so `model.pipeline.save_pretrained(dir)`
     writes a folder that `load(dir)` reads back whole."""
-    saved = pipeline.unet.config.get(CONFIG_KEY) or {}
-    defaults = defaults or GenerationDefaults(**saved.get("defaults", {}))
+    saved = denoiser(pipeline).config.get(CONFIG_KEY) or {}
+    defaults = defaults or (GenerationDefaults(**saved["defaults"]) if "defaults" in saved else model_defaults(pipeline))
     planted = planted if planted is not None else saved.get("planted", [])
-    pipeline.unet.register_to_config(**{CONFIG_KEY: {"defaults": asdict(defaults), "planted": planted}})
+    denoiser(pipeline).register_to_config(**{CONFIG_KEY: {"defaults": asdict(defaults), "planted": planted}})
     with warnings.catch_warnings():
         # BERT layers hold submodules named `output`; nnsight serves them as `.E_output` and says so, per layer.
         warnings.filterwarnings("ignore", message=r"Module .* has a submodule named 'output'")
@@ -232,7 +259,7 @@ def load(
     if isinstance(name_or_path, tuple(PIPELINE_KWARGS)):
         return wrap(name_or_path)
     if isinstance(name_or_path, DiffusionPipeline):
-        raise TypeError(f"acterase_interp runs SD 1.x/2.x and SDXL pipelines, not a {type(name_or_path).__name__}")
+        raise TypeError(f"acterase_interp runs SD 1.x/2.x, SDXL, FLUX and SD3 pipelines, not a {type(name_or_path).__name__}")
     pipe = load_pipeline(name_or_path, device=device, dtype=dtype, local_files_only=local_files_only)
     return wrap(pipe, *_read_manifest(Path(pipe.config._name_or_path or "."), pipe, verify))
 
@@ -240,15 +267,20 @@ def load(
 def architecture_hash(pipeline: Pipeline) -> str:
     """A short hash of the UNet and text-encoder configs: artifacts fitted on one architecture
     refuse to load onto another. SDXL's second text encoder counts too (SD 1.x/2.x hashes are
-    unchanged by it: they have none)."""
-    unet = {k: v for k, v in dict(pipeline.unet.config).items() if not k.startswith("_")}
-    parts = {"unet": unet, "text": _text_shape(pipeline.text_encoder)}
-    if getattr(pipeline, "text_encoder_2", None) is not None:
-        parts["text_2"] = _text_shape(pipeline.text_encoder_2)
+    unchanged by it: they have none). A DiT's transformer config counts under its own key, and so
+    does SD3's third encoder."""
+    unet = {k: v for k, v in dict(denoiser(pipeline).config).items() if not k.startswith("_")}
+    parts = {"unet" if getattr(pipeline, "unet", None) is not None else "transformer": unet,
+             "text": _text_shape(pipeline.text_encoder)}  # fmt: skip
+    for i in (2, 3):
+        if getattr(pipeline, f"text_encoder_{i}", None) is not None:
+            parts[f"text_{i}"] = _text_shape(getattr(pipeline, f"text_encoder_{i}"))
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _text_shape(encoder: torch.nn.Module) -> dict:
     config = encoder.config.to_diff_dict()
-    return {k: config.get(k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")}
+    keys = ("vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size")
+    keys += ("d_model", "num_layers", "d_ff") if config.get("model_type") == "t5" else ()  # T5 names its widths so
+    return {k: config.get(k) for k in keys}

@@ -42,7 +42,7 @@ from nnsight.intervention.interleaver import Mediator
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .sites import UNET, Site
+from .sites import DENOISERS, Site
 
 Window = tuple[int, int]
 """A half-open range of denoising steps [start, stop)."""
@@ -61,20 +61,31 @@ class Patch(Protocol):
 # -- model and tensor layout -------------------------------------------------------------------
 
 
-def unet_of(model: Any) -> nn.Module:
-    """The UNet of an acterase / nnsight model (`model.pipeline.unet`), of a diffusers pipeline
-    (`.unet`), or the module itself."""
+def denoiser_name(model: Any) -> str:
+    """The pipeline attribute of `model`'s denoiser: "unet", or "transformer" for a DiT (FLUX, SD3)."""
     pipeline = getattr(model, "pipeline", model)
-    unet = getattr(pipeline, "unet", pipeline)
+    return next((name for name in DENOISERS if isinstance(getattr(pipeline, name, None), nn.Module)), DENOISERS[0])
+
+
+def unet_of(model: Any) -> nn.Module:
+    """The denoiser of an acterase / nnsight model (`model.pipeline.unet`, or `.transformer` for a
+    DiT), of a diffusers pipeline, or the module itself."""
+    pipeline = getattr(model, "pipeline", model)
+    unet = getattr(pipeline, denoiser_name(pipeline), pipeline)
     if not isinstance(unet, nn.Module):
         raise TypeError(f"expected an acterase_interp model, a pipeline with a UNet, or a UNet, got {type(model).__name__}")
     return unet
 
 
+def is_denoiser_site(site: Site) -> bool:
+    """Whether `site` lives in the denoiser (UNet or DiT) rather than in a text encoder."""
+    return site.component in DENOISERS
+
+
 def site_module(model: Any, site: Site) -> nn.Module:
     """The module of `site` in `model` (as `unet_of` takes it): below the UNet, or, for a text-encoder
     site, below the pipeline's `site.component` (a bare UNet has none: a clear error)."""
-    if site.component == UNET:
+    if is_denoiser_site(site):
         unet = unet_of(model)
         return unet.get_submodule(site.module_path) if site.module_path else unet
     pipeline = getattr(model, "pipeline", model)
@@ -107,8 +118,14 @@ def timestep_value(timestep: Any) -> float:
     return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
 
 
+def call_sample(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The latent of a denoiser call: `unet(sample, ...)`, or a DiT's `hidden_states=` keyword."""
+    return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+
+
 def call_timestep(args: tuple, kwargs: dict) -> float:
-    """The timestep of a UNet call `unet(sample, timestep, ...)`, given positionally or by name."""
+    """The timestep of a denoiser call `unet(sample, timestep, ...)`, given positionally or by name
+    (DiT pipelines pass `timestep=`; FLUX's is the flow-matching sigma, SD3's sigma x 1000)."""
     if len(args) > 1:
         return timestep_value(args[1])
     if "timestep" not in kwargs:
@@ -119,26 +136,26 @@ def call_timestep(args: tuple, kwargs: dict) -> float:
 # -- the output adapter --------------------------------------------------------------------------
 
 
-def unwrap(value: Any) -> torch.Tensor:
-    """The activation tensor inside a module's input or output: the tensor itself, the first item
-    of a tuple (a UNet called with `return_dict=False`, as pipelines do), or the first field of a
-    dataclass output (`UNet2DConditionOutput.sample`)."""
+def unwrap(value: Any, index: int = 0) -> torch.Tensor:
+    """The activation tensor inside a module's input or output: the tensor itself, item `index` of
+    a tuple (a UNet called with `return_dict=False`, as pipelines do; a DiT block's (text, image)
+    pair), or the first field of a dataclass output (`UNet2DConditionOutput.sample`)."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-        return value[0]
+    if isinstance(value, tuple) and len(value) > index and isinstance(value[index], torch.Tensor):
+        return value[index]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return unwrap(getattr(value, dataclasses.fields(value)[0].name))
     raise TypeError(f"cannot find the activation tensor in a {type(value).__name__}")
 
 
-def rewrap(value: Any, x: torch.Tensor) -> Any:
+def rewrap(value: Any, x: torch.Tensor, index: int = 0) -> Any:
     """`value` with its activation tensor (see `unwrap`) replaced by `x`, as a new object of the
     same kind: a whole value, so nnsight assignments are never in-place edits."""
     if isinstance(value, torch.Tensor):
         return x
-    if isinstance(value, tuple) and value and isinstance(value[0], torch.Tensor):
-        return (x, *value[1:])
+    if isinstance(value, tuple) and len(value) > index and isinstance(value[index], torch.Tensor):
+        return (*value[:index], x, *value[index + 1 :])
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         name = dataclasses.fields(value)[0].name
         return dataclasses.replace(value, **{name: rewrap(getattr(value, name), x)})
@@ -222,8 +239,9 @@ def hook_site(model: Any, site: Site, fn: Callable[[torch.Tensor], torch.Tensor]
         return module.register_forward_pre_hook(lambda mod, args: (fn(args[0]), *args[1:]))
     # text layers: prepended, since transformers collects `output_hidden_states` (SDXL reads them)
     # by its own layer hooks, which must see the patched output
-    return module.register_forward_hook(lambda mod, args, output: rewrap(output, fn(unwrap(output))),
-                                        prepend=site.component != UNET)  # fmt: skip
+    i = site.output_index
+    return module.register_forward_hook(lambda mod, args, output: rewrap(output, fn(unwrap(output, i)), i),
+                                        prepend=not is_denoiser_site(site))  # fmt: skip
 
 
 @contextmanager
@@ -240,7 +258,7 @@ def patched(model: Any, patch: Patch | None, steps: Window | None = None) -> Ite
     after this one's."""
     unet = unet_of(model)
     sites = tuple(patch.sites) if patch is not None else ()
-    text = [s for s in sites if s.component != UNET]
+    text = [s for s in sites if not is_denoiser_site(s)]
     for site in text:
         site_module(model, site)  # a clear error for a bare UNet, before anything is hooked
     if text and steps is not None:
@@ -252,7 +270,7 @@ def patched(model: Any, patch: Patch | None, steps: Window | None = None) -> Ite
         counter = stack.enter_context(count_steps(unet, getattr(patch, "schedule", None)))
         for site in sites:
 
-            def fn(x: torch.Tensor, name: str = site.name, text: bool = site.component != UNET) -> torch.Tensor:
+            def fn(x: torch.Tensor, name: str = site.name, text: bool = not is_denoiser_site(site)) -> torch.Tensor:
                 if text:
                     return patch(name, x, 0)
                 return patch(name, x, counter.step) if counter.within(steps) else x
@@ -271,15 +289,20 @@ def envoy_at(component: Any, site: Site) -> Any:
 
 
 def component_envoy(model: Any, site: Site) -> Any:
-    """The envoy of the component that holds `site`: `model.unet`, `model.text_encoder`, ..."""
+    """The envoy of the component that holds `site`: `model.unet`, `model.transformer`, `model.text_encoder`, ..."""
     return getattr(model, site.component)
+
+
+def denoiser_envoy(model: Any) -> Any:
+    """The envoy of `model`'s denoiser: `model.unet`, or `model.transformer` for a DiT."""
+    return getattr(model, denoiser_name(model))
 
 
 def read_in_trace(component: Any, site: Site) -> torch.Tensor:
     """Inside a trace: the activation of `site` at the current step (`component`: `model.unet`, or
     the site's `component_envoy`)."""
     envoy = envoy_at(component, site)
-    return unwrap(envoy.input if site.io == "input" else envoy.output)
+    return unwrap(envoy.input if site.io == "input" else envoy.output, site.output_index)
 
 
 def write_in_trace(component: Any, site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -289,8 +312,8 @@ def write_in_trace(component: Any, site: Site, fn: Callable[[torch.Tensor], torc
     if site.io == "input":
         envoy.input = fn(envoy.input)
     else:
-        output = envoy.output
-        envoy.output = rewrap(output, fn(unwrap(output)))
+        output, i = envoy.output, site.output_index
+        envoy.output = rewrap(output, fn(unwrap(output, i)), i)
 
 
 def encoder_calls(pipe: Any, kwargs: dict) -> int:
@@ -361,9 +384,10 @@ def patch_in_trace(model: Any, patch: Patch, step: int | None = None) -> None:
     anything else in the trace reaches the UNet (nnsight's execution order); a first call at a
     later step is an error. The number of encoder calls follows the trace's arguments (SD and
     SDXL pipelines; `encoder_calls`) and is checked at the first UNet site."""
-    text = [s for s in patch.sites if s.component != UNET]
+    text = [s for s in patch.sites if not is_denoiser_site(s)]
     calls = _patch_text_in_trace(model, patch, text) if text else None
-    for i, site in enumerate(s for s in patch.sites if s.component == UNET):
-        write_in_trace(model.unet, site, lambda x, name=site.name: patch(name, x, step))
+    denoiser = denoiser_envoy(model)
+    for i, site in enumerate(s for s in patch.sites if is_denoiser_site(s)):
+        write_in_trace(denoiser, site, lambda x, name=site.name: patch(name, x, step))
         if i == 0 and calls is not None:
             _check_encoder_calls(model, text[0], calls)

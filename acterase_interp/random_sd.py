@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.5, 2.1 and SDXL architectures with random weights, built offline from the real configs.
+"""Stable Diffusion 1.5, 2.1, SDXL, FLUX.1 and SD3 architectures with random weights, built offline
+from the real configs.
 
 SD weights cannot be downloaded on the project's machines, yet every code path that a user runs
 on real SD (site discovery, shapes, hooks, saving and loading) must be tested on SD's true layout:
@@ -11,6 +12,14 @@ The configs (UNet, text encoders, VAE, scheduler) are the published ones, stored
 `data/configs/sd15`, `sd21` and `sdxl` (SDXL base 1.0). `sdxl-tiny` keeps SDXL's layout (every
 block type, layer count and conditioning input) at 1/10 of its widths, for tests that run the
 whole pipeline on a CPU.
+
+The diffusion transformers (MM-DiTs, no UNet) come the same way: `flux-dev` (FLUX.1-dev: 19
+double-stream and 38 single-stream blocks, guidance embedding, CLIP-L and T5-XXL encoders, 11.9
+billion transformer parameters) and `sd3-medium` (SD3 medium: 24 joint blocks, the last of which
+keeps no text stream, CLIP-L, OpenCLIP bigG and T5-XXL encoders, 2.03 billion), with `flux-tiny`
+and `sd3-tiny`: every block type, conditioning input and encoder at tiny widths and a few blocks
+(2 double + 3 single; 3 joint, the last text-free), for tests that run the whole pipeline on a CPU.
+Every text encoder, T5 included, takes ConceptWorld's offline tokenizer (see `build_random_sd`).
 """
 
 from __future__ import annotations
@@ -22,17 +31,30 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from .loading import Pipeline, data_path
 from .world.tokenizer import build_tokenizer
 
-VERSIONS: dict[str, str] = {"1.5": "sd15", "2.1": "sd21", "xl": "sdxl", "xl-tiny": "sdxl-tiny"}
-"""SD version -> folder of its configs under `data/configs`."""
+VERSIONS: dict[str, str] = {
+    "1.5": "sd15", "2.1": "sd21", "xl": "sdxl", "xl-tiny": "sdxl-tiny",
+    "flux-dev": "flux-dev", "flux-tiny": "flux-tiny", "sd3-medium": "sd3-medium", "sd3-tiny": "sd3-tiny",
+}  # fmt: skip
+"""Model version -> folder of its configs under `data/configs`."""
+TRANSFORMERS: dict[str, tuple[type, type]] = {
+    "FluxTransformer2DModel": (FluxTransformer2DModel, FluxPipeline),
+    "SD3Transformer2DModel": (SD3Transformer2DModel, StableDiffusion3Pipeline),
+}
+"""A DiT's `_class_name` -> (its class, the pipeline that runs it)."""
 DEVICES = ("cpu", "meta")
 
 
@@ -41,7 +63,7 @@ def config_dir(version: str) -> Path:
     if version not in VERSIONS:
         raise ValueError(f"unknown Stable Diffusion version {version!r}; choose from {sorted(VERSIONS)}")
     directory = data_path("configs", VERSIONS[version])
-    if not (directory / "unet" / "config.json").exists():
+    if not any((directory / part / "config.json").exists() for part in ("unet", "transformer")):
         raise FileNotFoundError(f"no Stable Diffusion {version} configs in {directory}")
     return directory
 
@@ -60,8 +82,10 @@ def _unet_config(directory: Path, sample_size: int | None) -> dict:
     return config
 
 
-def _text_encoder(directory: Path, name: str) -> CLIPTextModel | CLIPTextModelWithProjection:
+def _text_encoder(directory: Path, name: str) -> CLIPTextModel | CLIPTextModelWithProjection | T5EncoderModel:
     config = _read(directory / name / "config.json")
+    if config["architectures"][0] == "T5EncoderModel":
+        return T5EncoderModel(T5Config.from_dict(config)).eval()
     kind = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection}
     return kind[config["architectures"][0]](CLIPTextConfig.from_dict(config)).eval()
 
@@ -69,7 +93,7 @@ def _text_encoder(directory: Path, name: str) -> CLIPTextModel | CLIPTextModelWi
 def build_random_sd(
     version: str, seed: int = 0, sample_size: int | None = None, *, device: str = "cpu"
 ) -> Pipeline:
-    """A pipeline with SD `version`'s architecture ("1.5", "2.1", "xl" or "xl-tiny") and random
+    """A pipeline with `version`'s architecture (a key of `VERSIONS`) and random
     weights drawn from `seed`, sampled with DPM-Solver++ on the version's noise schedule: a
     `StableDiffusionPipeline`, or for "xl"/"xl-tiny" a `StableDiffusionXLPipeline`.
 
@@ -81,10 +105,17 @@ def build_random_sd(
 
     The tokenizers are ConceptWorld's offline one, since CLIP's BPE vocabulary cannot be downloaded:
     its few hundred ids all index rows of the 49,408-row embedding tables, which is all the text
-    encoders need, and every word of ConceptWorld's captions is one token."""
+    encoders need, and every word of ConceptWorld's captions is one token. The T5 encoders of the
+    DiTs take it too (its ids all index T5's 32,128-row table): T5's SentencePiece model cannot be
+    downloaded either, and no image of random weights depends on which ids a word gets.
+
+    The DiTs ("flux-dev", "sd3-medium", "flux-tiny", "sd3-tiny": `build_random_dit`) are sampled with
+    their flow-matching Euler scheduler; `sample_size` is then the pipeline's default latent side."""
     directory = config_dir(version)
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES} (build, then move with .to()), got {device!r}")
+    if (directory / "transformer").is_dir():
+        return build_random_dit(directory, seed, sample_size, device)
     unet_config = _unet_config(directory, sample_size)
     xl = (directory / "text_encoder_2").is_dir()
     with torch.random.fork_rng(devices=[]), torch.device(device):  # seeded without touching the caller's RNG
@@ -106,5 +137,33 @@ def build_random_sd(
         pipe = StableDiffusionPipeline(
             **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
         )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _encoder_names(directory: Path) -> list[str]:
+    return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if (directory / n).is_dir()]
+
+
+def build_random_dit(
+    directory: Path, seed: int, sample_size: int | None, device: str
+) -> FluxPipeline | StableDiffusion3Pipeline:
+    """The FLUX or SD3 pipeline of the configs in `directory` (a DiT's; see `build_random_sd`)."""
+    config = _read(directory / "transformer" / "config.json")
+    transformer_cls, pipeline_cls = TRANSFORMERS[config["_class_name"]]
+    if sample_size is not None and sample_size < 2:
+        raise ValueError(f"sample_size must be at least 2 latent pixels (one 2x2 patch), got {sample_size}")
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        transformer = transformer_cls.from_config(config).eval()
+        vae = AutoencoderKL.from_config(_read(directory / "vae" / "config.json")).eval()
+        encoders = {n: _text_encoder(directory, n) for n in _encoder_names(directory)}
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = encoders["text_encoder"].config.max_position_embeddings  # CLIP's 77 tokens
+    tokenizers = {n.replace("text_encoder", "tokenizer"): tokenizer for n in encoders}
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(_read(directory / "scheduler" / "scheduler_config.json"))
+    pipe = pipeline_cls(transformer=transformer, vae=vae, scheduler=scheduler, **encoders, **tokenizers)
+    if sample_size is not None:
+        pipe.default_sample_size = sample_size  # both pipelines size their default image by it
     pipe.set_progress_bar_config(disable=True)
     return pipe

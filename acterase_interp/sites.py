@@ -26,24 +26,51 @@ one. `text_layers.text_layer_sites` lists them; the encoders run before the deno
 
 Only `ffn_hidden` is read by a Linear (`ff.net.2`), whose weight weighs Eq. 4's importance; the
 other kinds are read by attention, a LayerNorm or a residual sum, so their importance is |x|.
+
+Diffusion transformers (FLUX, SD3: MM-DiTs, `Site.component` "transformer") have no cross-attention:
+image and text tokens attend jointly. Their sites (`DIT_KINDS`) are named `<block>.<kind>` with blocks
+`double.<i>` (`transformer_blocks.<i>`: FLUX's double-stream blocks, SD3's joint blocks) and
+`single.<i>` (FLUX's `single_transformer_blocks.<i>`):
+
+- `txt_k`, `txt_v` (double): the text stream's key and value projections `attn.add_k_proj` /
+  `attn.add_v_proj`, one row per text token: the analogue of `attn2_k` / `attn2_v`;
+- `img_mlp_hidden` / `txt_mlp_hidden` (double): the input of `ff.net.2` / `ff_context.net.2`, the
+  hidden units of each stream's MLP (read by those Linears; ActErase's FFN site);
+- `mlp_hidden` (single): the output of `act_mlp`, one row per token of the joint sequence (text
+  first, then image); `proj_out` reads [attention output, MLP hidden], so its columns from
+  `Site.reader_offset` on weigh the importance;
+- `txt_out`, `img_out`: the block's outputs, items 0 and 1 of the (text, image) pair it returns
+  (`Site.output_index`).
+
+SD3's last joint block keeps no text stream (`context_pre_only`): it has no `txt_mlp_hidden` and no
+`txt_out`. `double.last<N>` / `single.last<N>` select the last N blocks of a kind (`select_sites`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import re
 
 import torch
 from diffusers import UNet2DConditionModel
+from torch import nn
 
+DIT_KINDS: tuple[str, ...] = ("txt_k", "txt_v", "img_mlp_hidden", "txt_mlp_hidden", "mlp_hidden", "txt_out", "img_out")
 SITE_KINDS: tuple[str, ...] = (
-    "text_layer", "attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out", "unet_out"
+    "text_layer", "attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out", "unet_out",
+    *DIT_KINDS,
 )  # fmt: skip
 UNET_OUT = "unet_out"
 TEXT_LAYER = "text_layer"
 """The kind of a text-encoder layer's output, the one kind outside the UNet."""
 UNET = "unet"
 """The `Site.component` of every UNet site."""
-TEXT_TOKEN_KINDS: tuple[str, ...] = ("attn2_k", "attn2_v")
+TRANSFORMER = "transformer"
+"""The `Site.component` of every DiT site."""
+DENOISERS: tuple[str, ...] = (UNET, TRANSFORMER)
+"""Components that denoise (called once per step); the others are text encoders."""
+TEXT_TOKEN_KINDS: tuple[str, ...] = ("attn2_k", "attn2_v", "txt_k", "txt_v", "txt_mlp_hidden", "txt_out")
 """Kinds whose tokens are the prompt's text tokens rather than latent pixels."""
 TEXT_TOKENS = 77
 """Text tokens of SD's CLIP context: the default length of the probe prompt in `discover_sites`."""
@@ -87,7 +114,11 @@ class Site:
     """Shape of the activation for one image: (tokens, channels), or (C, H, W) for `unet_out`;
     tokens are latent pixels, or text tokens for `TEXT_TOKEN_KINDS` and `text_layer`."""
     component: str = UNET
-    """The pipeline attribute holding the module: `unet`, or `text_encoder` / `text_encoder_2`."""
+    """The pipeline attribute holding the module: `unet`, `transformer`, or `text_encoder` / `text_encoder_2`."""
+    output_index: int = 0
+    """Which item of a module's tuple output the site is (a DiT block returns (text, image))."""
+    reader_offset: int = 0
+    """The reader's first input column that reads the site: it reads a concatenation otherwise."""
 
 
 def _block_names(unet: UNet2DConditionModel) -> list[tuple[str, str]]:
@@ -167,7 +198,7 @@ def select_sites(
     """The sites of the given kinds (and, if given, blocks, block prefixes such as "down", or
     `PRESETS` names), in execution order. Unknown kinds or blocks are an error."""
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
-    blocks = None if blocks is None else [b for name in blocks for b in PRESETS.get(name, (name,))]
+    blocks = None if blocks is None else [b for name in blocks for b in _expand(name, sites)]
     bad = [k for k in kinds if k not in SITE_KINDS]
     if bad:
         raise ValueError(f"unknown site kind(s) {bad}; choose from {SITE_KINDS}")
@@ -185,6 +216,21 @@ def select_sites(
                 f"unknown block(s) {missing}; this UNet has {_fold_layers(known_blocks)} (or prefixes down/mid/up){text}"
             )
     return [s for s in sites if s.kind in kinds and (s.kind == UNET_OUT or wanted(s.block))]
+
+
+def _expand(name: str, sites: list[Site]) -> tuple[str, ...]:
+    """A `PRESETS` name's blocks; `double.last<N>` / `single.last<N>`: the last N DiT blocks of that
+    kind; else the name itself."""
+    if name in PRESETS:
+        return PRESETS[name]
+    match = re.fullmatch(r"(double|single)\.last(\d+)", name)
+    if match is None:
+        return (name,)
+    kind, n = match.group(1), int(match.group(2))
+    present = list(dict.fromkeys(s.block for s in sites if s.block.startswith(kind + ".")))
+    if not 0 < n <= len(present):
+        raise ValueError(f"{name!r} asks for the last {n} {kind} blocks; this model has {len(present)}")
+    return tuple(present[-n:])
 
 
 def _fold_layers(blocks: list[str]) -> str:
@@ -216,10 +262,111 @@ def site_by_name(sites: list[Site], name: str) -> Site:
     raise KeyError(f"unknown site {name!r}; this UNet has: {', '.join(s.name for s in sites)}")
 
 
-def reader_weight_norm(unet: UNet2DConditionModel, site: Site) -> torch.Tensor | None:
+def reader_weight_norm(unet: nn.Module, site: Site) -> torch.Tensor | None:
     """Per-unit L1 norm of the reading Linear's weight columns, sum_i |W_ij|, so that the
-    per-unit importance of Eq. 4 is I_j = |x_j| * sum_i |W_ij|; None where no Linear reads the site."""
+    per-unit importance of Eq. 4 is I_j = |x_j| * sum_i |W_ij|; None where no Linear reads the site.
+    `unet` is the denoiser (a UNet or a DiT); only the columns from `site.reader_offset` on read it."""
     if site.reader_path is None:
         return None
     weight = unet.get_submodule(site.reader_path).weight
-    return weight.detach().abs().sum(dim=0).float()
+    return weight.detach()[:, site.reader_offset :].abs().sum(dim=0).float()
+
+
+# -- diffusion transformers (FLUX, SD3) --------------------------------------------------------
+
+# kind -> (module path inside a block, "input" or "output", reader path, output index)
+_DOUBLE_SPEC: dict[str, tuple[str, str, str | None, int]] = {
+    "txt_k": ("attn.add_k_proj", "output", None, 0),  # read by q·k scores of the joint attention
+    "txt_v": ("attn.add_v_proj", "output", None, 0),
+    "img_mlp_hidden": ("ff.net.2", "input", "ff.net.2", 0),
+    "txt_mlp_hidden": ("ff_context.net.2", "input", "ff_context.net.2", 0),
+    "txt_out": ("", "output", None, 0),
+    "img_out": ("", "output", None, 1),
+}
+_SINGLE_SPEC: dict[str, tuple[str, str, str | None, int]] = {
+    "mlp_hidden": ("act_mlp", "output", "proj_out", 0),
+    "txt_out": ("", "output", None, 0),
+    "img_out": ("", "output", None, 1),
+}
+
+
+DIT_ANALOGUES: dict[str, tuple[str, ...]] = {"ffn_hidden": ("img_mlp_hidden", "mlp_hidden")}
+"""UNet kinds -> their DiT analogues: the paper's FFN site is the MLP hidden units of the image stream
+(double blocks) and of the joint stream (single blocks), so a default fit runs on a DiT unchanged."""
+
+
+def dit_kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """`kinds` with each UNet kind that has a DiT analogue (`DIT_ANALOGUES`) replaced by it."""
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)
+    return tuple(dict.fromkeys(k2 for k in kinds for k2 in DIT_ANALOGUES.get(k, (k,))))
+
+
+def is_dit(model: nn.Module) -> bool:
+    """Whether `model` is a diffusion transformer with double-stream (joint) blocks."""
+    return isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList) and not hasattr(model, "down_blocks")
+
+
+def _keeps_text(block: nn.Module) -> bool:
+    """Whether a double block updates the text stream (SD3's last block does not)."""
+    return getattr(block, "ff_context", None) is not None
+
+
+def list_dit_sites(transformer: nn.Module) -> list[Site]:
+    """Every site of a DiT in module order, without shapes (no forward pass)."""
+    sites = []
+    groups = [("double", "transformer_blocks", _DOUBLE_SPEC), ("single", "single_transformer_blocks", _SINGLE_SPEC)]
+    for prefix, attr, spec in groups:
+        for i, block in enumerate(getattr(transformer, attr, None) or []):
+            for kind, (sub, io, reader, index) in spec.items():
+                if kind.startswith("txt_") and kind not in ("txt_k", "txt_v") and prefix == "double" and not _keeps_text(block):
+                    continue
+                path = f"{attr}.{i}"
+                offset = block.proj_out.in_features - block.proj_mlp.out_features if kind == "mlp_hidden" else 0
+                sites.append(Site(f"{prefix}.{i}.{kind}", kind, f"{prefix}.{i}", f"{path}.{sub}" if sub else path, io,
+                                  reader and f"{path}.{reader}", (), TRANSFORMER, index, offset))  # fmt: skip
+    return sites
+
+
+def _dit_probe(transformer: nn.Module, side: int, text_tokens: int) -> dict[str, torch.Tensor]:
+    """Zero inputs of one DiT call on a `side` x `side` latent with `text_tokens` text tokens."""
+    config, p = transformer.config, next(transformer.parameters())
+    new = dict(dtype=p.dtype, device=p.device)
+    inputs = {
+        "encoder_hidden_states": torch.zeros(1, text_tokens, config.joint_attention_dim, **new),
+        "pooled_projections": torch.zeros(1, config.pooled_projection_dim, **new),
+        "timestep": torch.ones(1, **new),
+        "return_dict": False,
+    }
+    if "axes_dims_rope" not in config:  # SD3: latents as images, patched inside
+        return {"hidden_states": torch.zeros(1, config.in_channels, side, side, **new), **inputs}
+    tokens = (side // 2) ** 2  # FLUX: the pipeline packs 2x2 latent patches into tokens
+    ids = dict(dtype=p.dtype, device=p.device)
+    guidance = {"guidance": torch.ones(1, **new)} if config.guidance_embeds else {}
+    return {"hidden_states": torch.zeros(1, tokens, config.in_channels, **new), "img_ids": torch.zeros(tokens, 3, **ids),
+            "txt_ids": torch.zeros(text_tokens, 3, **ids), **guidance, **inputs}  # fmt: skip
+
+
+@torch.no_grad()
+def discover_dit_sites(transformer: nn.Module, sample_size: int = 4, text_tokens: int = 8) -> list[Site]:
+    """Every site of a DiT in execution order, with per-image shapes at `sample_size` latent pixels
+    and `text_tokens` text tokens (measured by one forward pass on zeros: order by hooks)."""
+    by_module: dict[tuple[str, str], list[Site]] = {}
+    for site in list_dit_sites(transformer):
+        by_module.setdefault((site.module_path, site.io), []).append(site)
+    seen: list[Site] = []
+    handles = []
+    for (path, io), group in by_module.items():
+
+        def hook(mod, args, output, group=group):
+            for s in group:
+                x = args[0] if s.io == "input" else output
+                x = x[s.output_index] if isinstance(x, tuple) else x
+                seen.append(replace(s, shape=tuple(x.shape[1:])))
+
+        handles.append(transformer.get_submodule(path).register_forward_hook(hook))
+    try:
+        transformer(**_dit_probe(transformer, sample_size, text_tokens))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen

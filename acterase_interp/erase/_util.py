@@ -9,7 +9,7 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
-from ..sites import Site, discover_sites
+from ..sites import Site, discover_dit_sites, discover_sites, is_dit
 from ..text_layers import ENCODERS, text_layer_sites
 
 _SITE_TABLES: dict[str, list[Site]] = {}
@@ -19,9 +19,12 @@ _TEXT_TABLES: dict[str, list[Site]] = {}
 def site_table(unet: UNet2DConditionModel) -> list[Site]:
     """Every site of `unet` in execution order, with shapes at the smallest latent the UNet accepts.
     Names, paths and order depend only on the UNet's config, so they are found once per config."""
-    key = json.dumps(dict(unet.config), sort_keys=True, default=str)
+    key = json.dumps([type(unet).__name__, dict(unet.config)], sort_keys=True, default=str)
     if key not in _SITE_TABLES:
-        _SITE_TABLES[key] = discover_sites(unet, sample_size=2 ** (len(unet.config.block_out_channels) - 1))
+        if is_dit(unet):  # a DiT (FLUX, SD3): its sites at a 4x4 latent and 8 text tokens
+            _SITE_TABLES[key] = discover_dit_sites(unet)
+        else:
+            _SITE_TABLES[key] = discover_sites(unet, sample_size=2 ** (len(unet.config.block_out_channels) - 1))
     return list(_SITE_TABLES[key])
 
 
@@ -41,9 +44,12 @@ def text_site_table(pipe: Any) -> list[Site]:
 
 def model_sites(model: Any) -> list[Site]:
     """Every site of `model` in execution order: its text encoders' layers, then its UNet's
-    (`site_table`). A bare UNet has the UNet's only."""
+    (`site_table`). A bare UNet has the UNet's only; a DiT pipeline (FLUX, SD3) its transformer's
+    (text-encoder layer sites are not offered on DiTs yet)."""
     pipeline = getattr(model, "pipeline", model)
     unet = getattr(pipeline, "unet", None)
+    if getattr(pipeline, "transformer", None) is not None:
+        return site_table(pipeline.transformer)
     if unet is None:
         return site_table(pipeline)
     return text_site_table(pipeline) + site_table(unet)

@@ -27,10 +27,11 @@ from nnsight import DiffusionModel
 from tqdm.auto import tqdm
 
 from ..generation import seed_list
-from ..loading import architecture_hash
-from ..patching import call_timestep, component_envoy, read_in_trace, rewrap, to_tokens, unwrap
+from ..flow import denoiser_timesteps, text_tokens
+from ..loading import architecture_hash, denoiser
+from ..patching import call_sample, call_timestep, component_envoy, denoiser_envoy, read_in_trace, rewrap, to_tokens, unwrap
 from ..provenance import library_versions
-from ..sites import TEXT_LAYER, TEXT_TOKEN_KINDS, UNET_OUT, Site, reader_weight_norm, select_sites
+from ..sites import TEXT_LAYER, TEXT_TOKEN_KINDS, UNET_OUT, Site, dit_kinds, is_dit, reader_weight_norm, select_sites
 from ._util import model_sites
 from .eraser import Eraser
 from .options import EraseOptions
@@ -73,18 +74,21 @@ class EraserFitter:
         self.max_statistics_gb = max_statistics_gb
         self.progress = progress
         pipe = model.pipeline
-        unet = pipe.unet
+        unet = denoiser(pipe)  # a UNet, or a DiT's transformer
+        self._dit = is_dit(unet)
         defaults = model.defaults
         self.num_inference_steps = options.num_inference_steps or defaults.num_inference_steps
         self.guidance_scale = defaults.guidance_scale if options.guidance_scale is None else options.guidance_scale
-        pixels = unet.config.sample_size * pipe.vae_scale_factor
+        pixels = (pipe.default_sample_size if self._dit else unet.config.sample_size) * pipe.vae_scale_factor
         self.height, self.width = defaults.height or pixels, defaults.width or pixels
-        self.sites: tuple[Site, ...] = tuple(select_sites(model_sites(pipe), options.site_kind, options.blocks))
+        kinds = dit_kinds(options.site_kind) if self._dit else options.site_kind
+        self.sites: tuple[Site, ...] = tuple(select_sites(model_sites(pipe), kinds, options.blocks))
+        if not self.sites:
+            raise ValueError(f"this model has no sites of kind {options.site_kind!r}"
+                             + (f" in blocks {list(options.blocks)}" if options.blocks else ""))  # fmt: skip
         device = unet.device
         self._norms = {s.name: n.to(device) for s in self.sites if (n := reader_weight_norm(unet, s)) is not None}
-        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
-        scheduler.set_timesteps(self.num_inference_steps)
-        self.timesteps: tuple[float, ...] = tuple(float(t) for t in scheduler.timesteps)
+        self.timesteps: tuple[float, ...] = self._schedule(pipe)
         self._tokens = self._token_counts(unet)
         self._units = {s.name: s.shape[-1] if s.kind != UNET_OUT else s.shape[0] for s in self.sites}
         self._shapes: dict[str, tuple[int, ...]] = {}
@@ -98,6 +102,14 @@ class EraserFitter:
         self._bar: Any = None
 
     # -- public -------------------------------------------------------------
+
+    def _schedule(self, pipe: Any) -> tuple[float, ...]:
+        """The timestep of every denoiser call, as the denoiser receives it (a DiT: flow sigmas)."""
+        if self._dit:
+            return denoiser_timesteps(pipe, self.num_inference_steps, self.height, self.width)
+        scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+        scheduler.set_timesteps(self.num_inference_steps)
+        return tuple(float(t) for t in scheduler.timesteps)
 
     @property
     def num_steps(self) -> int:
@@ -199,6 +211,7 @@ class EraserFitter:
         # One generator per row, both seeded alike: the two rows start from the same noise.
         generators = [torch.Generator(device).manual_seed(seed) for _ in range(2)]
         done: list[int] = []
+        net = denoiser_envoy(model)
         with model.generate(
             [source, target],
             num_inference_steps=self.num_inference_steps,
@@ -213,14 +226,14 @@ class EraserFitter:
                 for step in range(n):
                     self._record(record, site, step, x)
             for step in tracer.iter[:n]:
-                args, kwargs = model.unet.inputs
-                self._check_step(step, args[0], call_timestep(args, kwargs))
+                args, kwargs = net.inputs
+                self._check_step(step, call_sample(args, kwargs), call_timestep(args, kwargs))
                 for site in inner:  # execution order, as nnsight requires
-                    self._record(record, site, step, read_in_trace(model.unet, site))
-                output = model.unet.output
+                    self._record(record, site, step, read_in_trace(net, site))
+                output = net.output
                 if out_site is not None:
                     self._record(record, out_site, step, unwrap(output))
-                model.unet.output = rewrap(output, follow_source(unwrap(output)))  # whole-output assignment
+                net.output = rewrap(output, follow_source(unwrap(output)))  # whole-output assignment
                 done.append(step)
                 bar.update(1)
         if done != list(range(n)):
@@ -301,8 +314,10 @@ class EraserFitter:
         """Tokens of every site at the fitting resolution, scaled from the small probe pass of
         `site_table` (tokens scale with the latent's area; text tokens are the tokenizer's length,
         which a text-encoder site's shape has already)."""
-        probe = 2 ** (len(unet.config.block_out_channels) - 1)
         pipe = self.model.pipeline
+        if self._dit:
+            return self._dit_token_counts(pipe)
+        probe = 2 ** (len(unet.config.block_out_channels) - 1)
         area = (self.height // pipe.vae_scale_factor) * (self.width // pipe.vae_scale_factor) / probe**2
         text = pipe.tokenizer.model_max_length
 
@@ -314,6 +329,13 @@ class EraserFitter:
             return int((s.shape[0] if s.kind != UNET_OUT else s.shape[1] * s.shape[2]) * area)
 
         return {s.name: tokens(s) for s in self.sites}
+
+    def _dit_token_counts(self, pipe: Any) -> dict[str, int]:
+        """Tokens of every DiT site at the fitting resolution: image tokens (2x2 latent patches),
+        the pipeline's text tokens (`flow.text_tokens`), or both for a single-stream block's MLP."""
+        image = (self.height // pipe.vae_scale_factor // 2) * (self.width // pipe.vae_scale_factor // 2)
+        text = text_tokens(pipe)
+        return {s.name: text if s.kind in TEXT_TOKEN_KINDS else image + text * (s.kind == "mlp_hidden") for s in self.sites}
 
     def statistics_bytes(self, n_pairs: int) -> int:
         """Estimated bytes of the statistics of `n_pairs` pairs (scores, plus value sums)."""
