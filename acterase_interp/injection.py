@@ -10,6 +10,16 @@ whole UNet through its time embedding, not per block, and stay the target prompt
 Text reaches an SD UNet only through cross-attention, so injecting the source into every block at
 every step reproduces the source prompt's image exactly (tested); on SDXL it gives the image of the
 source's text states with the target's pooled embedding.
+
+Diffusion transformers (FLUX, SD3) have no cross-attention: a text stream runs through the blocks
+beside the image stream, and each block's joint attention updates both. The analogue: the chosen
+blocks (`double.<i>`, `single.<i>`, as `sites.select_sites` names them) read, in their conditional
+rows, the text-stream tokens that the source prompt has at that block. Those are computed in the
+same transformer call, by shadow rows appended to the batch: the current latents, timestep and
+pooled embedding with the source's prompt embedding, untouched by the injection. Injecting into
+every block at every step therefore gives exactly the pipeline's image of the source's prompt
+embedding with the target's pooled embedding (tested): as on SDXL, the pooled CLIP embedding
+conditions every block through the time embedding, is not per block, and stays the target's.
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ from typing import Any, Protocol
 import torch
 
 from .patching import Window, count_steps
-from .sites import list_sites, select_sites
+from .sites import is_dit, list_dit_sites, list_sites, select_sites
 
 
 class Injection(Protocol):
@@ -55,7 +65,8 @@ class TextInjection:
     """Source prompts, one per generated prompt (1:1, in order)."""
     blocks: tuple[str, ...] | None
     """Transformer blocks whose `attn2` reads the source, by name, prefix or preset as in
-    `sites.select_sites` (`("up.1",)`); None: every block; (): none."""
+    `sites.select_sites` (`("up.1",)`; on a DiT `double.<i>`, `single.<i>`, `double.last<N>`);
+    None: every block; (): none."""
     steps: Window | None = None
     """Denoising steps [start, stop) of the injection; None: every step."""
 
@@ -76,7 +87,10 @@ class TextInjection:
 
 def encode_prompts(pipe: Any, prompts: list[str]) -> torch.Tensor:
     """The conditional text states (prompts, tokens, width) that `pipe` feeds its UNet for
-    `prompts`, by the pipeline's own `encode_prompt` (SDXL: both encoders, concatenated)."""
+    `prompts`, by the pipeline's own `encode_prompt` (SDXL: both encoders, concatenated; FLUX: T5's
+    states; SD3: CLIP's and T5's, joined as the transformer reads them)."""
+    if is_dit(getattr(pipe, "transformer", None)):
+        return encode_dit_prompts(pipe, prompts)[0]
     # by keyword: SDXL's second positional argument is prompt_2
     return pipe.encode_prompt(prompt=prompts, device=pipe._execution_device, num_images_per_prompt=1,
                               do_classifier_free_guidance=False)[0]
@@ -95,11 +109,27 @@ def _swap_conditional(states: torch.Tensor, source: torch.Tensor) -> torch.Tenso
     return source if states.shape[0] == n else torch.cat([states[:n], source])
 
 
+def encode_dit_prompts(pipe: Any, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt embedding, pooled embedding) of `prompts` as a FLUX or SD3 pipeline computes them
+    for its transformer's `encoder_hidden_states` and `pooled_projections`, at its defaults."""
+    device = pipe._execution_device
+    if getattr(pipe, "text_encoder_3", None) is not None:  # SD3: its three encoders
+        out = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device, num_images_per_prompt=1,
+                                 do_classifier_free_guidance=False)  # fmt: skip
+        return out[0], out[2]
+    out = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device, num_images_per_prompt=1)
+    return out[0], out[1]
+
+
 @contextmanager
 def injected(pipe: Any, inject: TextInjection, sources: Sequence[str]) -> Iterator[None]:
     """Inside the block, every pipeline call on `pipe` (for as many prompts as `sources`) has the
     text of `inject.blocks`' cross-attention replaced by `sources`' during `inject.steps`. Hooks
-    are removed on exit, even on an exception."""
+    are removed on exit, even on an exception. A DiT: see `dit_injected`."""
+    if is_dit(getattr(pipe, "transformer", None)):
+        with dit_injected(pipe, inject, sources):
+            yield
+        return
     unet = pipe.unet
     sites = select_sites(list_sites(unet), "attn2_out", inject.blocks)
     if not sites:
@@ -118,5 +148,57 @@ def injected(pipe: Any, inject: TextInjection, sources: Sequence[str]) -> Iterat
 
         for site in sites:
             handle = unet.get_submodule(site.module_path).register_forward_pre_hook(swap, with_kwargs=True)
+            stack.callback(handle.remove)
+        yield
+
+
+_BATCHED = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "guidance")
+"""The per-image inputs of a FLUX / SD3 transformer call (ids and attention kwargs are shared)."""
+
+
+@contextmanager
+def dit_injected(pipe: Any, inject: TextInjection, sources: Sequence[str]) -> Iterator[None]:
+    """Text injection on a DiT (see the module docstring): each transformer call in `inject.steps`
+    gets shadow rows, copies of its conditional rows with the sources' prompt embedding; the chosen
+    blocks' conditional rows read the shadows' text stream; the shadows are dropped from the output."""
+    transformer = pipe.transformer
+    blocks = [s.module_path for s in select_sites(list_dit_sites(transformer), "img_out", inject.blocks)]
+    if not blocks:
+        yield
+        return
+    source = encode_dit_prompts(pipe, list(sources))[0]
+    n = len(source)
+    rows: dict[str, int] = {}  # "batch": the call's own batch while shadows run; absent otherwise
+
+    def widen(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if not counter.within(inject.steps):
+            return None
+        states = kwargs["encoder_hidden_states"]
+        _swap_conditional(states, source)  # the shape check, with its clear error
+        batch = states.shape[0]
+        shadow = {k: kwargs[k][batch - n :] for k in _BATCHED if torch.is_tensor(kwargs.get(k)) and kwargs[k].ndim}
+        shadow["encoder_hidden_states"] = source.to(device=states.device, dtype=states.dtype)
+        rows["batch"] = batch
+        return args, {**kwargs, **{k: torch.cat([kwargs[k], v]) for k, v in shadow.items()}}
+
+    def read_shadow(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        if "batch" not in rows:
+            return None
+        states, batch = kwargs["encoder_hidden_states"], rows["batch"]
+        swapped = torch.cat([states[: batch - n], states[batch:], states[batch:]])
+        return args, {**kwargs, "encoder_hidden_states": swapped}
+
+    def narrow(module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        batch = rows.pop("batch", None)
+        if batch is None:
+            return None
+        return (output[0][:batch], *output[1:]) if isinstance(output, tuple) else type(output)(sample=output.sample[:batch])
+
+    with ExitStack() as stack:
+        counter = stack.enter_context(count_steps(transformer))
+        hooks = [transformer.register_forward_pre_hook(widen, with_kwargs=True),
+                 transformer.register_forward_hook(narrow, with_kwargs=True)]  # fmt: skip
+        hooks += [transformer.get_submodule(b).register_forward_pre_hook(read_shadow, with_kwargs=True) for b in blocks]
+        for handle in hooks:
             stack.callback(handle.remove)
         yield

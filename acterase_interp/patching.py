@@ -42,7 +42,7 @@ from nnsight.intervention.interleaver import Mediator
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .sites import DENOISERS, Site
+from .sites import DENOISERS, Site, is_dit
 
 Window = tuple[int, int]
 """A half-open range of denoising steps [start, stop)."""
@@ -190,7 +190,9 @@ class StepCounter:
     Pipelines call the UNet once per step (both CFG halves batched) with falling timesteps, so a
     call whose timestep rises above the previous one starts a new sampling run, as does the call
     after the last step of a `schedule`. Equal consecutive timesteps (PNDM's and Heun's repeated
-    steps) count as steps of the same run."""
+    steps) count as steps of the same run, except on a DiT (`repeat_is_same_step`): FLUX's
+    true CFG (`true_cfg_scale > 1`) calls the transformer twice per sigma, and flow-matching
+    sigmas never repeat, so a repeated timestep there is the same step."""
 
     schedule: StepSchedule | None = None
     """If given, runs are `schedule.num_steps` calls long and each call's timestep is checked."""
@@ -198,9 +200,13 @@ class StepCounter:
     """Current step, counted from 0 in every sampling run."""
     timestep: float = float("inf")
     """The scheduler timestep of the current step."""
+    repeat_is_same_step: bool = False
+    """Whether a call at the current step's timestep belongs to that step (a DiT's: see above)."""
 
     def advance(self, timestep: float) -> None:
         """Count one UNet call at `timestep`."""
+        if self.repeat_is_same_step and timestep == self.timestep:
+            return
         full = self.schedule is not None and self.step + 1 >= self.schedule.num_steps
         self.step = 0 if timestep > self.timestep or full else self.step + 1
         self.timestep = timestep
@@ -215,7 +221,7 @@ class StepCounter:
 @contextmanager
 def count_steps(unet: nn.Module, schedule: StepSchedule | None = None) -> Iterator[StepCounter]:
     """Count denoising steps (see `StepCounter`) while the context is open."""
-    counter = StepCounter(schedule)
+    counter = StepCounter(schedule, repeat_is_same_step=is_dit(unet))
 
     def tick(module: nn.Module, args: tuple, kwargs: dict) -> None:
         counter.advance(call_timestep(args, kwargs))

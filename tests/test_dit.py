@@ -2,7 +2,10 @@
 counts, site tables), and the core path on `flux-tiny` / `sd3-tiny` (every block type and conditioning
 input at tiny widths, random weights, 16-pixel images): loading, generation, sites in execution order,
 fit and erase on flow-matching schedules, eraser off bit-identical, nnsight equal to torch hooks,
-artifacts round-trip."""
+artifacts round-trip, merge, text injection into the text stream, the causal sweep, the evaluation
+methods with a DiT form (each leaves the model bit-identical outside `applied`; UCE's edit is the
+hand-computed closed form), FLUX's true CFG counted as one step per sigma, and the 1024-px
+statistics memory of a default fit."""
 
 from __future__ import annotations
 
@@ -15,10 +18,14 @@ from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from conftest import fired_order, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs
+from acterase_interp.erase.merge import merge
+from acterase_interp.evaluation.baselines import METHODS, UCE, ActErase, CASteer, NegativePrompt, Unerased
+from acterase_interp.evaluation.core import image_seeds
 from acterase_interp.flow import denoiser_timesteps
-from acterase_interp.generation import generate
+from acterase_interp.generation import TextInjection, generate
+from acterase_interp.injection import encode_dit_prompts
 from acterase_interp.loading import GenerationDefaults, architecture_hash, load, wrap
-from acterase_interp.patching import call_timestep
+from acterase_interp.patching import call_timestep, patched
 from acterase_interp.random_sd import build_random_sd
 from acterase_interp.sites import discover_dit_sites, reader_weight_norm, select_sites
 
@@ -184,3 +191,185 @@ def test_artifacts_round_trip(tiny, fitted, tmp_path):
         assert torch.equal(_images(tiny), loaded)
     again = FitStatistics.load(tmp_path / "eraser").eraser(tau=0.3)
     assert all(torch.equal(again.masks[n], stats.eraser(tau=0.3).masks[n]) for n in again.masks)
+
+
+def test_merging_dit_erasers_is_the_union_of_their_masks(tiny, fitted):
+    stats = fitted[1]
+    a, b = stats.eraser(tau=0.05), stats.eraser(tau=0.2, time_mask="union")
+    alone = merge([a])
+    assert all(torch.equal(alone.masks[n], a.masks[n]) for n in a.masks)
+    with alone.applied(tiny):
+        merged_alone = _images(tiny)
+    with a.applied(tiny):
+        assert torch.equal(_images(tiny), merged_alone)
+    both = merge([a, b])
+    assert all(torch.equal(both.masks[n], a.masks[n] | b.masks[n]) for n in a.masks)
+    before = _images(tiny)
+    with both.applied(tiny):
+        assert not torch.equal(_images(tiny), before)
+    assert torch.equal(_images(tiny), before)
+
+
+# -- text injection ------------------------------------------------------------------------------
+
+SOURCES = ["a red square on a plain background", "a blue star on a striped background"]
+
+
+def _source_states_target_pooled(model) -> torch.Tensor:
+    """The pipeline's own images of the sources' prompt embedding with the targets' pooled embedding."""
+    pipe, d = model.pipeline, model.defaults
+    states, pooled = encode_dit_prompts(pipe, SOURCES)[0], encode_dit_prompts(pipe, PROMPTS)[1]
+    extra = {}
+    if isinstance(pipe, StableDiffusion3Pipeline):  # its unconditional half: the empty prompt's, as `generate` has it
+        empty = pipe.encode_prompt(prompt=[""] * 2, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False)
+        extra = {"negative_prompt_embeds": empty[0], "negative_pooled_prompt_embeds": empty[2]}
+    return pipe(prompt_embeds=states, pooled_prompt_embeds=pooled, num_inference_steps=STEPS, guidance_scale=d.guidance_scale,
+                height=d.height, width=d.width, output_type="pt", generator=[torch.Generator().manual_seed(i) for i in range(2)],
+                **extra).images.float()  # fmt: skip
+
+
+def test_text_injection_gives_the_blocks_the_sources_text_stream(tiny):
+    """Injected everywhere: the pipeline's image of the sources' prompt embedding with the targets'
+    pooled embedding (up to float rounding: the shadow rows change the batch's size), not the
+    sources' own image (the pooled embedding conditions every block); the text stream from the
+    first block on is the source's, so injecting there alone is bit for bit the same."""
+    inject = lambda blocks, steps=None: generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, blocks, steps),
+                                                  progress=False)  # noqa: E731  fmt: skip
+    everywhere, target = inject(None), _images(tiny)
+    torch.testing.assert_close(everywhere, _source_states_target_pooled(tiny), atol=1e-5, rtol=0)
+    assert (everywhere - _images(tiny, SOURCES)).abs().max() > 1e-4 and (everywhere - target).abs().max() > 1e-4
+    assert torch.equal(inject(("double.0",)), everywhere)
+    assert torch.equal(inject(()), target) and torch.equal(inject(None, (0, 0)), target)
+    late = inject(("double.last1",))
+    assert not torch.equal(late, target) and not torch.equal(late, everywhere)
+    assert not torch.equal(inject(None, (1, 2)), everywhere)  # the first step's text stream stays the target's
+
+
+# -- the causal sweep ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_causal_sweep_covers_every_block_window(tiny):
+    from acterase_interp.analysis import causal_sweep
+    from acterase_interp.loading import conceptworld_dir
+    from acterase_interp.world.classifier import ConceptClassifier
+
+    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")
+    pairs = PromptPairs("triangle", PAIRS.targets[:1], PAIRS.sources[:1], non_target=[PROMPTS[1]])
+    families = ("ffn_hidden", "txt_v", "text")
+    records = causal_sweep(tiny, classifier, pairs, families, None, [(0, STEPS)], tau=1.0, seeds=(0,), progress=False)
+    sites = discover_dit_sites(tiny.pipeline.transformer)
+    blocks = lambda kinds: list(dict.fromkeys(s.block for s in sites if s.kind in kinds))  # noqa: E731
+    windows = {"ffn_hidden": blocks(("img_mlp_hidden", "mlp_hidden")), "txt_v": blocks(("txt_v",)), "text": blocks(("img_out",))}
+    assert [(r["family"], r["direction"], r["layer_label"]) for r in records] == [
+        (f, d, b) for f in families for d in ("erase", "restore") for b in windows[f]]
+    assert len(windows["text"]) == (5 if isinstance(tiny.pipeline, FluxPipeline) else 3)  # double + single blocks
+    for r in records:
+        assert 0.0 <= r["concept_rate"] <= 1.0 and r["seeds"] == [0]
+    # every erasing eraser cell moves the non-target images (the window's sites are found on a DiT)
+    assert all(r["image_distance"] > 0 for r in records if r["family"] != "text" and r["direction"] == "erase")
+    with pytest.raises(ValueError, match="not offered on diffusion transformers"):
+        causal_sweep(tiny, classifier, pairs, "text_encoder", progress=False)
+
+
+# -- evaluation methods --------------------------------------------------------------------------
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.pipeline.transformer.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", [Unerased, lambda: ActErase(EraseOptions(tau=0.3), tau=0.3), NegativePrompt, UCE, CASteer],
+                         ids=["unerased", "acterase", "negative_prompt", "uce", "casteer"])  # fmt: skip
+def test_evaluation_methods_leave_the_dit_bit_identical_outside_applied(tiny, method):
+    method = method()
+    before, weights = _images(tiny), _state(tiny)
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.pipeline.transformer.modules())
+    method.fit(tiny, PAIRS)
+    with method.applied(tiny) as sample:
+        inside = sample(PROMPTS, 0)
+    assert torch.equal(_images(tiny), before) and all(torch.equal(v, weights[k]) for k, v in _state(tiny).items())
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in tiny.pipeline.transformer.modules()) == hooks
+    if method.name == "unerased":
+        assert torch.equal(inside, before)
+    elif method.name != "casteer":  # CASteer steers only tokens with <x, v> > 0: on sd3-tiny there are none
+        assert (inside - before).abs().max() > 1e-4
+
+
+def test_methods_without_a_dit_form_refuse_one(tiny):
+    for name in ("sld", "esd_x", "concept_prune", "fia"):
+        with pytest.raises(ValueError, match="no form for diffusion transformers"):
+            METHODS[name]().fit(tiny, PAIRS)
+
+
+def test_uce_edits_the_text_kv_projections_by_the_closed_form(tiny):
+    """The edit, recomputed by hand: the inputs of every joint block's add_k_proj read by a plain
+    hook (conditional rows, averaged over steps), and W = (lam W0 + W0 C*^T C + s W0 P^T P)(lam I + C^T C + s P^T P)^-1."""
+    pipe = tiny.pipeline
+    blocks = pipe.transformer.transformer_blocks
+    uce = UCE().fit(tiny, PAIRS)
+    assert sorted(uce.edits_) == sorted(f"transformer_blocks.{i}.attn.{p}.weight" for i in range(len(blocks))
+                                        for p in ("add_k_proj", "add_v_proj"))  # fmt: skip
+
+    def inputs(prompts):
+        seen = {i: [] for i in range(len(blocks))}
+        hooks = [b.attn.add_k_proj.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0][-len(prompts):]))
+                 for i, b in enumerate(blocks)]  # fmt: skip
+        try:
+            _images(tiny, prompts, seeds=image_seeds("fit", len(prompts)))
+        finally:
+            for h in hooks:
+                h.remove()
+        return {i: torch.stack(v).mean(0).reshape(-1, v[0].shape[-1]).double() for i, v in seen.items()}
+
+    c, c_star, keep = inputs(PAIRS.targets), inputs(PAIRS.sources), inputs(PAIRS.sources)  # no non-target: sources kept
+    lam, s = 0.5, 1.0  # preserve scale: max(0.1, 1 / max(1, 0 non-target prompts))
+    for i, block in enumerate(blocks):
+        for p in ("add_k_proj", "add_v_proj"):
+            w0 = getattr(block.attn, p).weight.detach().double()
+            eye = torch.eye(w0.shape[1], dtype=torch.float64)
+            hand = (lam * w0 + w0 @ c_star[i].T @ c[i] + s * w0 @ keep[i].T @ keep[i]) @ torch.linalg.inv(
+                lam * eye + c[i].T @ c[i] + s * keep[i].T @ keep[i])  # fmt: skip
+            torch.testing.assert_close(uce.edits_[f"transformer_blocks.{i}.attn.{p}.weight"].double(), hand, rtol=1e-5, atol=1e-6)
+            assert (hand - w0).abs().max() > 1e-4
+
+
+# -- FLUX's true CFG and the statistics memory ------------------------------------------------------
+
+
+class _StepLog:
+    """A patch that records the step index of every call at one site and changes nothing."""
+
+    def __init__(self, site) -> None:
+        self.sites, self.steps = (site,), []
+
+    def __call__(self, name, x, step=None):
+        self.steps.append(step)
+        return x
+
+
+def test_true_cfg_counts_one_step_per_sigma():
+    model = wrap(build_random_sd("flux-tiny", seed=0, sample_size=8), GenerationDefaults(STEPS, 3.5, 16, 16))
+    pipe = model.pipeline
+    log = _StepLog(discover_dit_sites(pipe.transformer)[0])
+    run = lambda: pipe(PROMPTS[0], negative_prompt="triangle", true_cfg_scale=2.0, num_inference_steps=STEPS, height=16,
+                       width=16, output_type="latent")  # noqa: E731  fmt: skip
+    with patched(model, log):
+        run()
+    assert log.steps == [0, 0, 1, 1]  # two transformer calls (prompt, negative prompt) per sigma
+    stats = EraserFitter(model, EraseOptions(tau=0.2), progress=False)
+    stats.fit(PAIRS)
+    with stats.statistics.eraser(time_mask="per_step", tau=0.2).applied(model):
+        run()  # its schedule check passes: each step's sigma is the fitted one
+
+
+def test_the_1024px_statistics_memory_of_a_default_fit():
+    """The README's figures: float64 value sums per (token, unit) of every site, plus per pair two
+    float32 scores per (step, unit) and four moment vectors, at 1024 px and 28 steps."""
+    for version, double, single, units, text in (("flux-dev", 19, 38, 12288, 512), ("sd3-medium", 24, 0, 6144, 333)):
+        model = wrap(build_random_sd(version, device="meta"), GenerationDefaults(28, 3.5, 1024, 1024))
+        fitter = EraserFitter(model, progress=False)
+        image = 64 * 64  # 128 x 128 latent, 2 x 2 patches
+        values = 8 * units * (double * image + single * (image + text))
+        per_pair = 8 * units * (28 + 2) * (double + single)
+        assert fitter.statistics_bytes(0) == values and fitter.statistics_bytes(8) == values + 8 * per_pair

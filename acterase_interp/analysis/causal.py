@@ -35,7 +35,7 @@ from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs
 from ..erase._util import site_table
 from ..executor import Executor, require_spec, resolve, run_cells
 from ..patching import Window, unet_of
-from ..sites import SITE_KINDS, TEXT_LAYER, UNET_OUT, select_sites
+from ..sites import SITE_KINDS, TEXT_LAYER, UNET_OUT, dit_kinds, is_dit, select_sites
 from ..text_layers import TextLayerInjection, encoder_layers, parse_text_layers, text_layers
 from .evaluation import Evaluator
 from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, map_correlation, seed_summary
@@ -132,10 +132,18 @@ def _check(model: Any, family: str, windows: Sequence[tuple[str, ...]], steps: S
     if family == TEXT_ENCODER:
         _check_text_layers(model, windows, steps, n)
         return
-    kind = "attn2_out" if family == TEXT else family  # text enters every block through its cross-attention
+    dit = is_dit(unet_of(model))
+    kind = _block_kind(model) if family == TEXT else dit_kinds(family) if dit else family
     table = site_table(unet_of(model))
     for w in windows:
-        select_sites(table, kind, list(w))  # unknown blocks: a clear error naming the known ones
+        if not select_sites(table, kind, list(w)):  # unknown blocks: a clear error naming the known ones
+            raise ValueError(f"family {family!r}: the window {list(w)} has no {family!r} sites on this model")
+
+
+def _block_kind(model: Any) -> str:
+    """A kind every block has once, listing the blocks text reaches: a UNet's cross-attention
+    outputs; a DiT's block outputs (its text stream runs through every block)."""
+    return "img_out" if is_dit(unet_of(model)) else "attn2_out"
 
 
 def _check_text_layers(model: Any, windows: Sequence[tuple[str, ...]], steps: Sequence[Window], n: int) -> None:
@@ -207,8 +215,11 @@ def causal_sweep(
     loaded = resolve(model)
     n = evaluation.get("num_inference_steps") or loaded.defaults.num_inference_steps
     steps = [tuple(w) for w in step_windows] if step_windows is not None else [(0, n)]
-    blocks = list(dict.fromkeys(s.block for s in select_sites(site_table(unet_of(loaded)), "attn2_out")))
+    blocks = list(dict.fromkeys(s.block for s in select_sites(site_table(unet_of(loaded)), _block_kind(loaded))))
     windows = [tuple(w) for w in layer_windows] if layer_windows is not None else None
+    if TEXT_ENCODER in families and is_dit(unet_of(loaded)):
+        raise ValueError(f"family {TEXT_ENCODER!r} is not offered on diffusion transformers (FLUX, SD3) yet: "
+                         "their text-encoder layers have no sites")  # fmt: skip
     for family in families:
         _check(loaded, family, windows if windows is not None else _one_by_one(family, None, blocks, loaded), steps, n)
     if TEXT in families:
@@ -239,7 +250,12 @@ def _one_by_one(family: str, statistics: FitStatistics | None, blocks: list[str]
     encoder), the fitted blocks, or every block."""
     if family == TEXT_ENCODER:
         return [(name,) for name in text_layers(model.pipeline)]
-    return [(b,) for b in (blocks if statistics is None else dict.fromkeys(s.block for s in statistics.sites))]
+    if statistics is not None:
+        return [(b,) for b in dict.fromkeys(s.block for s in statistics.sites)]
+    if family == TEXT or not is_dit(unet_of(model)):
+        return [(b,) for b in blocks]
+    # a DiT's kinds live in some blocks only (no text K/V in single blocks, no text MLP in SD3's last)
+    return [(b,) for b in dict.fromkeys(s.block for s in select_sites(site_table(unet_of(model)), dit_kinds(family)))]
 
 
 class _Evaluators:

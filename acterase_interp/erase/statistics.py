@@ -125,7 +125,8 @@ class FitStatistics:
         if blocks is None:
             return self.sites
         try:
-            return tuple(select_sites(list(self.sites), self.options.site_kind, blocks))
+            # the fitted sites' own kinds: on a DiT, `site_kind` may name a UNet kind (`sites.dit_kinds`)
+            return tuple(select_sites(list(self.sites), tuple(dict.fromkeys(s.kind for s in self.sites)), blocks))
         except ValueError as err:
             fitted = sorted({s.block for s in self.sites})
             raise ValueError(f"blocks {list(blocks)} are not all among the fitted blocks {fitted}") from err

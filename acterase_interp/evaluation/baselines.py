@@ -31,6 +31,11 @@ see what `sample` samples.
 Each class's docstring names its reference implementation (repository, file, commit) and every
 departure from it, with the reason; the README's "Evaluation and baselines" lists them too.
 
+On FLUX and SD3 (diffusion transformers) run `Unerased`, `ActErase` (its default site: the MLP
+hidden units), `NegativePrompt` (SD3: CFG's negative half; FLUX: true CFG), `UCE` (the text
+stream's K/V projections of the joint blocks) and `CASteer` (the joint blocks' image-stream
+attention outputs); the others refuse a DiT with a clear error (`Method.runs_on_dit`).
+
 Every method runs on SD 1.x/2.x and SDXL: those that call the UNet themselves (SLD, ESD-x) take
 its conditioning from `evaluation.conditioning` (on SDXL: pooled embeddings and time ids too, and
 the pipeline's zero unconditional); UCE edits K/V against SDXL's concatenated two-encoder context;
@@ -46,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers import FluxPipeline
 
 from ..erase.eraser import Eraser
 from ..erase.fit import EraserFitter
@@ -64,6 +70,7 @@ class Unerased(Method):
     """The model as it is."""
 
     name = "unerased"
+    runs_on_dit = True
 
 
 class ActErase(Method):
@@ -71,6 +78,7 @@ class ActErase(Method):
     `shows_concept` (images -> bool per image)."""
 
     name = "acterase"
+    runs_on_dit = True
 
     def __init__(self, options: EraseOptions | None = None, tau: float | str = "auto",
                  shows_concept: Callable[[torch.Tensor, str], torch.Tensor] | None = None) -> None:  # fmt: skip
@@ -102,15 +110,30 @@ class ActErase(Method):
 
 
 class NegativePrompt(Method):
-    """The concept (its words, `pairs.meta["concept_text"]` or the concept's name) as negative prompt."""
+    """The concept (its words, `pairs.meta["concept_text"]` or the concept's name) as negative prompt.
+
+    SD3 batches it as the unconditional half of its classifier-free guidance, as SD does. FLUX.1-dev
+    is distilled for embedded guidance and reads a negative prompt only under "true" CFG, a second
+    transformer call per step (`true_cfg_scale` > 1; the step counter counts both calls as one
+    step): `true_cfg_scale` (default 4.0, a choice, not a model-card value) is passed on FLUX only."""
 
     name = "negative_prompt"
+    runs_on_dit = True
+    true_cfg_scale: float = 4.0
+    """FLUX only (a class default, so SD manifests are unchanged; set it on an instance to change it)."""
 
     def _sampler(self, model: Any) -> Sampler:
+        extra = {}
+        if isinstance(pipeline_of(model), FluxPipeline):
+            if self.true_cfg_scale <= 1:
+                raise ValueError("true_cfg_scale must be above 1 (FLUX reads no negative prompt otherwise), "
+                                 f"got {self.true_cfg_scale}")
+            extra = {"true_cfg_scale": self.true_cfg_scale}
+
         def sample(prompts, seeds=0, num_inference_steps=None, guidance_scale=None):
             prompts = list(prompts)
             images = _pipeline_output(model, prompts, seed_list(seeds, len(prompts)), num_inference_steps, guidance_scale,
-                                      negative_prompt=[self.concept_text_] * len(prompts))  # fmt: skip
+                                      negative_prompt=[self.concept_text_] * len(prompts), **extra)  # fmt: skip
             return images.float().cpu()
 
         return sample

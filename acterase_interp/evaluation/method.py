@@ -14,7 +14,7 @@ import torch
 from ..erase.pairs import PromptPairs
 from ..generation import generate
 from ..patching import patched, unet_of
-from ..sites import Site, list_sites
+from ..sites import TRANSFORMER, Site, is_dit, list_sites
 from .conditioning import pipeline_of
 from .core import image_seeds
 
@@ -46,8 +46,14 @@ class Method:
     fit_seconds_: float | None = None
     """Wall time of the last `fit` (None before it): the table's "time to erase"."""
 
+    runs_on_dit: bool = False
+    """Whether the method has a diffusion-transformer (FLUX, SD3) form; the others refuse one."""
+
     def fit(self, model: Any, pairs: PromptPairs) -> Method:
         """Learn what the method needs from `pairs` (`pairs.concept` names the concept); returns self."""
+        if is_dit(unet_of(model)) and not self.runs_on_dit:
+            raise ValueError(f"{self.name} has no form for diffusion transformers (FLUX, SD3); the methods that do: "
+                             "unerased, acterase, negative_prompt, uce, casteer")  # fmt: skip
         start = time.perf_counter()
         self._fit(model, pairs)
         self.fit_seconds_ = time.perf_counter() - start
@@ -82,7 +88,7 @@ class Method:
 
 class WeightEdit(Method):
     """A method that replaces some parameters of the pipeline: `edits_` maps a parameter's name
-    (under `pipeline.unet`) to its erased value. `applied` copies them in and the originals back."""
+    (under `pipeline.unet`, or a DiT's `pipeline.transformer`) to its erased value. `applied` copies them in and the originals back."""
 
     edits_: dict[str, torch.Tensor]
 
@@ -90,7 +96,7 @@ class WeightEdit(Method):
     def _erased(self, model: Any) -> Iterator[None]:
         params = dict(unet_of(model).named_parameters())
         if missing := sorted(set(self.edits_) - set(params)):
-            raise ValueError(f"{self.name}: this UNet has no parameters {missing[:3]}: fitted on another model?")
+            raise ValueError(f"{self.name}: this denoiser has no parameters {missing[:3]}: fitted on another model?")
         originals = {n: params[n].detach().clone() for n in self.edits_}
         try:
             with torch.no_grad():
@@ -106,6 +112,14 @@ class WeightEdit(Method):
 def sites_of_kind(model: Any, kind: str) -> list[Site]:
     """Every UNet site of `kind` (`ffn_hidden`, `attn2_out`, ...), in module order."""
     return [s for s in list_sites(unet_of(model)) if s.kind == kind]
+
+
+def dit_block_sites(model: Any, module: str, kind: str, output_index: int = 0, io: str = "output") -> list[Site]:
+    """One site per double (joint) block of a DiT at `transformer_blocks.<i>.<module>`, named
+    `double.<i>.<kind>`: sites the site table does not list (a baseline's own reading points)."""
+    blocks = unet_of(model).transformer_blocks
+    return [Site(f"double.{i}.{kind}", kind, f"double.{i}", f"transformer_blocks.{i}.{module}", io, None, (), TRANSFORMER,
+                 output_index) for i in range(len(blocks))]  # fmt: skip
 
 
 class _Reader:
@@ -144,4 +158,4 @@ def per_image(x: torch.Tensor, n: int) -> torch.Tensor:
     return x.reshape(x.shape[0] // n, n, -1, x.shape[-1])
 
 
-__all__ = ["Method", "Sampler", "WeightEdit", "per_image", "read_sites", "sites_of_kind"]
+__all__ = ["Method", "Sampler", "WeightEdit", "dit_block_sites", "per_image", "read_sites", "sites_of_kind"]

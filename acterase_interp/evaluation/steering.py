@@ -11,8 +11,9 @@ from typing import Any
 import torch
 
 from ..erase.pairs import PromptPairs
-from ..patching import patched
-from .method import Method, per_image, read_sites, sites_of_kind
+from ..patching import patched, unet_of
+from ..sites import is_dit
+from .method import Method, dit_block_sites, per_image, read_sites, sites_of_kind
 
 
 def _conditional_mean(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -63,9 +64,14 @@ class CASteer(Method):
     negative, normalised), `generate_casteer.py` (`--beta` 2, every layer: `steer_only_up` off).
     The concept's pairs give the positive (targets) and negative (sources) prompts. Departures:
     images are seeded per pair (the reference: seed 0 for every prompt); a row whose steered
-    norm is 0 stays 0 (the reference divides by 0)."""
+    norm is 0 stays 0 (the reference divides by 0).
+
+    On a DiT (FLUX, SD3), which has no cross-attention, the steered sites are the joint blocks'
+    image-stream attention outputs (item 0 of `transformer_blocks.<i>.attn`'s output, after its
+    `to_out` projection, as the SD UNet's `attn2` output is), where text reaches the image tokens; FLUX's single blocks, whose attention output mixes both streams, are not steered."""
 
     name = "casteer"
+    runs_on_dit = True
 
     def __init__(self, beta: float = 2.0, num_inference_steps: int | None = None, seed: int = 0) -> None:
         if beta <= 0:
@@ -74,7 +80,8 @@ class CASteer(Method):
 
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
-        sites = sites_of_kind(model, "attn2_out")
+        dit = is_dit(unet_of(model))
+        sites = dit_block_sites(model, "attn", "img_attn_out") if dit else sites_of_kind(model, "attn2_out")
         means = [read_sites(model, prompts, sites, _conditional_mean, self.seed, self.num_inference_steps)
                  for prompts in (pairs.targets, pairs.sources)]  # fmt: skip
         self.sites_ = tuple(sites)

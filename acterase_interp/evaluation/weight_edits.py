@@ -13,9 +13,10 @@ from diffusers import DDPMScheduler
 
 from ..erase.pairs import PromptPairs
 from ..patching import unet_of
+from ..sites import is_dit
 from .conditioning import encode, encode_for_guidance, pipeline_of
 from .core import image_seeds
-from .method import WeightEdit, _pipeline_output
+from .method import WeightEdit, _pipeline_output, dit_block_sites, per_image, read_sites
 
 
 def _text_states(model: Any, prompts: Sequence[str]) -> torch.Tensor:
@@ -27,6 +28,31 @@ def _text_states(model: Any, prompts: Sequence[str]) -> torch.Tensor:
 
 def _cross_attention_kv(unet: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {f"{n}.weight": m for n, m in unet.named_modules() if n.endswith(("attn2.to_k", "attn2.to_v"))}
+
+
+def _step_mean_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The conditional half's rows (n, tokens, width) of a batched activation, in float32."""
+    return per_image(x.float(), n)[-1]
+
+
+def dit_text_inputs(model: Any, prompts: Sequence[str], seed: int, num_inference_steps: int | None) -> dict[str, torch.Tensor]:
+    """Per joint block of a DiT (`double.<i>`), the input of its text-stream K/V projections
+    (`attn.add_k_proj`, `add_v_proj`: one input) for `prompts` sampled on the fit seeds of `seed`:
+    the conditional rows averaged over the denoising steps, (prompts * tokens, width) in float64."""
+    sites = dit_block_sites(model, "attn.add_k_proj", "txt_kv_in", io="input")
+    read = read_sites(model, prompts, sites, _step_mean_rows, seed, num_inference_steps)
+    return {s.block: read[s.name].mean(0).reshape(-1, read[s.name].shape[-1]).double() for s in sites}
+
+
+def closed_form(w0: torch.Tensor, c: torch.Tensor, c_star: torch.Tensor, keep: torch.Tensor, lam: float,
+                erase: float, preserve: float) -> torch.Tensor:  # fmt: skip
+    """UCE's edit of one weight `w0` (out, width) in float64: W = (lam W0 + erase W0 c*^T c +
+    preserve W0 p^T p) (lam I + erase c^T c + preserve p^T p)^-1 (rows of c, c*, p: inputs)."""
+    w0 = w0.double()
+    eye = torch.eye(w0.shape[1], dtype=torch.float64, device=w0.device)
+    right = lam * eye + erase * c.T @ c + preserve * keep.T @ keep
+    left = lam * w0 + erase * (c_star @ w0.T).T @ c + preserve * (keep @ w0.T).T @ keep
+    return torch.linalg.solve(right, left.T).T  # right is symmetric: W right = left  <=>  right W^T = left^T
 
 
 class UCE(WeightEdit):
@@ -48,15 +74,31 @@ class UCE(WeightEdit):
       reference preserves nothing then);
     - `preserve_scale` defaults to bd5fb51's max(0.1, 1 / #non-target) (28c81ed: 1), so the
       preserved prompts together weigh about as much as one erased one;
-    - float64 and `linalg.solve` instead of float32 and an explicit inverse (same solution)."""
+    - float64 and `linalg.solve` instead of float32 and an explicit inverse (same solution).
+
+    On a DiT (FLUX, SD3), a UCE-style edit of every joint block's text-stream K/V projections
+    (`attn.add_k_proj`, `attn.add_v_proj`; their biases are kept): the same closed form, with c, c*
+    and p the projections' own inputs at that block (the text stream after the block's
+    modulation), which, unlike SD's encoder states, depend on the block, the step and the image:
+    each prompt's token rows averaged over a sampling run's steps (`dit_text_inputs`; fit seeds
+    `seed`, `num_inference_steps` or the model's), paired targets and sources on the same seeds."""
 
     name = "uce"
+    runs_on_dit = True
 
-    def __init__(self, lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float | None = None) -> None:
+    def __init__(self, lam: float = 0.5, erase_scale: float = 1.0, preserve_scale: float | None = None, seed: int = 0,
+                 num_inference_steps: int | None = None) -> None:  # fmt: skip
         self.lam, self.erase_scale, self.preserve_scale = lam, erase_scale, preserve_scale
+        self.seed, self.num_inference_steps = seed, num_inference_steps
+
+    def describe(self) -> dict:  # seed and steps are read on DiTs only: SD manifests stay as they were
+        return {k: v for k, v in super().describe().items() if k not in ("seed", "num_inference_steps")}
 
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
+        if is_dit(unet_of(model)):
+            self._fit_dit(model, pairs)
+            return
         states = _text_states(model, pairs.targets)
         width = states.shape[-1]
         c = states.reshape(-1, width).double()
@@ -72,6 +114,24 @@ class UCE(WeightEdit):
             left = self.lam * w0 + self.erase_scale * (c_star @ w0.T).T @ c + preserve * (keep @ w0.T).T @ keep
             # right is symmetric: W right = left  <=>  right W^T = left^T
             self.edits_[name] = torch.linalg.solve(right, left.T).T.to(layer.weight.dtype)
+        self.preserve_scale_used_ = preserve
+
+    def _preserve(self, pairs: PromptPairs) -> float:
+        # bd5fb51's default: the preserved prompts together weigh about as much as one erased one
+        return self.preserve_scale if self.preserve_scale is not None else max(0.1, 1 / max(1, len(pairs.non_target)))
+
+    def _fit_dit(self, model: Any, pairs: PromptPairs) -> None:
+        read = lambda prompts: dit_text_inputs(model, prompts, self.seed, self.num_inference_steps)  # noqa: E731
+        c, c_star = read(pairs.targets), read(pairs.sources)
+        keep = read(pairs.non_target) if pairs.non_target else c_star
+        preserve = self._preserve(pairs)
+        self.edits_ = {}
+        for i, block in enumerate(unet_of(model).transformer_blocks):
+            for proj in ("add_k_proj", "add_v_proj"):
+                weight = getattr(block.attn, proj).weight
+                edit = closed_form(weight.detach(), c[f"double.{i}"], c_star[f"double.{i}"], keep[f"double.{i}"], self.lam,
+                                   self.erase_scale, preserve)  # fmt: skip
+                self.edits_[f"transformer_blocks.{i}.attn.{proj}.weight"] = edit.to(weight.dtype)
         self.preserve_scale_used_ = preserve
 
 
