@@ -31,7 +31,8 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 SLOW_FIXTURES = frozenset({"random_sd"})
 """Random-weight SD 1.5 / 2.1 at full parameter count: gigabytes of memory and seconds per call."""
-SLOW_MODULES = frozenset({"test_sdxl", "test_sdxl_evaluation", "test_notebooks", "test_browser", "test_benchmarks"})
+SLOW_MODULES = frozenset({"test_sdxl", "test_sdxl_evaluation", "test_notebooks", "test_browser", "test_benchmarks",
+                          "test_benchmarks_gpu"})
 """SDXL (real size and tiny), executed notebooks, the real browser, the benchmark command."""
 
 

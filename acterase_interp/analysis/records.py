@@ -5,7 +5,8 @@ plot them without pandas, and convert them when pandas is installed."""
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, is_dataclass
 from typing import Any
 
 from scipy.stats import t as student_t
@@ -13,13 +14,30 @@ from scipy.stats import t as student_t
 Record = dict[str, Any]
 
 
-def to_dataframe(records: Sequence[Record]):
-    """The records as a pandas DataFrame (pandas is optional: a clear error if it is missing)."""
+def to_dataframe(records: Sequence[Record] | Sequence[Any] | Mapping[str, Any], *, flatten: bool = False):
+    """The records as a pandas DataFrame, one row each (pandas is optional: a clear error if it is
+    missing). `records`: dicts (sweeps, `benchmarks.run.rows`), dataclass instances (the leaderboard's
+    `Row`), or a result holding them under "rows" (`run_table`'s, `run_planting`'s). `flatten`: nested
+    dicts become dotted columns (`target_rate.value`) instead of dict cells."""
     try:
         import pandas as pd
     except ImportError as err:
-        raise ImportError("to_dataframe needs pandas (`pip install pandas`); the records are plain dicts") from err
-    return pd.DataFrame.from_records(list(records))
+        raise ImportError("to_dataframe needs pandas (`pip install pandas`, or the `notebooks` extra); "
+                          "the records are plain dicts") from err  # fmt: skip
+    if isinstance(records, Mapping):
+        if not isinstance(records.get("rows"), list):
+            raise TypeError(f"a result to tabulate needs a 'rows' list; this one has {sorted(records)}")
+        records = records["rows"]
+    rows = [_record(r) for r in records]
+    return pd.json_normalize(rows, sep=".") if flatten and rows else pd.DataFrame.from_records(rows)
+
+
+def _record(row: Any) -> Record:
+    if is_dataclass(row) and not isinstance(row, type):
+        return asdict(row)
+    if isinstance(row, Mapping):
+        return dict(row)
+    raise TypeError(f"a record is a dict or a dataclass instance, not a {type(row).__name__}")
 
 
 def column(records: Iterable[Record], key: str) -> list[Any]:
