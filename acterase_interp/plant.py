@@ -10,7 +10,14 @@ Families of trainable parameters, per chosen transformer block:
 - `ffn`: the whole feed-forward module `ff`;
 - `ffn_units`: only `units` hidden units of it: their rows of the GEGLU projection `ff.net.0.proj`
   (value and gate halves) and their columns of `ff.net.2`;
-- `attn2_kv`: the cross-attention key and value projections `attn2.to_k` / `attn2.to_v`.
+- `attn2_kv`: the cross-attention key and value projections `attn2.to_k` / `attn2.to_v`;
+- `attn1`: the self-attention projections `attn1.to_q/to_k/to_v/to_out.0`;
+- `lowrank`: a rank-`rank` update of the FFN output projection `ff.net.2`, W <- W + Q A (bias
+  b <- b + Q c), whose output directions Q are a fixed random orthonormal basis drawn from `seed`:
+  only A and c train, so the concept's write to the block's `ffn_out` lies in span(Q), a subspace
+  not aligned with units (the record keeps Q);
+- `split`: `units` hidden units of the `blocks` (as `ffn_units`) and `attn2_kv` of the `kv_blocks`,
+  trained together, so one concept lives in two places.
 """
 
 from __future__ import annotations
@@ -24,7 +31,8 @@ from tqdm.auto import tqdm
 
 from .sites import _block_names
 
-PLANT_FAMILIES: tuple[str, ...] = ("ffn", "ffn_units", "attn2_kv")
+PLANT_FAMILIES: tuple[str, ...] = ("ffn", "ffn_units", "attn2_kv", "attn1", "lowrank", "split")
+_UNIT_FAMILIES = ("ffn_units", "split")
 
 
 @dataclass(frozen=True)
@@ -36,7 +44,7 @@ class PlantSpec:
     blocks: tuple[str, ...] | None = None
     """Transformer blocks (`down.1.0`, `mid.0`, `up.0.1`, ...); None: every block."""
     units: int | None = None
-    """`ffn_units` only: hidden units trained per block, drawn at random from `seed`."""
+    """`ffn_units` and `split` only: hidden units trained per block, drawn at random from `seed`."""
     steps: int = 600
     lr: float = 5e-4
     batch: int = 64
@@ -44,14 +52,25 @@ class PlantSpec:
     p_uncond: float = 0.1
     """Fraction of captions replaced by "" so classifier-free guidance keeps working."""
     min_snr_gamma: float = 5.0
+    # the later families' fields come last, so positional specs keep their meaning
+    rank: int | None = None
+    """`lowrank` only: the dimension r of the subspace each block's update writes."""
+    kv_blocks: tuple[str, ...] | None = None
+    """`split` only: the blocks whose cross-attention keys and values train with the units."""
 
     def __post_init__(self) -> None:
         if self.family not in PLANT_FAMILIES:
             raise ValueError(f"unknown plant family {self.family!r}; choose from {PLANT_FAMILIES}")
-        if (self.family == "ffn_units") != (self.units is not None):
-            raise ValueError("units is required for family 'ffn_units' and only allowed there")
+        if (self.family in _UNIT_FAMILIES) != (self.units is not None):
+            raise ValueError("units is required for families 'ffn_units' and 'split' and only allowed there")
         if self.units is not None and self.units < 1:
             raise ValueError(f"units must be at least 1, got {self.units}")
+        if (self.family == "lowrank") != (self.rank is not None):
+            raise ValueError("rank is required for family 'lowrank' and only allowed there")
+        if self.rank is not None and self.rank < 1:
+            raise ValueError(f"rank must be at least 1, got {self.rank}")
+        if (self.family == "split") != bool(self.kv_blocks):
+            raise ValueError("kv_blocks is required for family 'split' and only allowed there")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
             raise ValueError(f"steps, batch and lr must be positive, got {self.steps}, {self.batch}, {self.lr}")
         if not 0 <= self.p_uncond < 1:
@@ -66,7 +85,7 @@ class PlantRecord:
     spec: dict
     blocks: list[str]
     units: dict[str, list[int]]
-    """`ffn_units`: block -> the trained hidden-unit indices (the `ffn_hidden` site's channels)."""
+    """`ffn_units`, `split`: block -> the trained hidden-unit indices (the `ffn_hidden` site's channels)."""
     parameters: list[str]
     """UNet parameter names that were trained (all of them, or the unit slices of them)."""
     trained_values: int
@@ -76,6 +95,11 @@ class PlantRecord:
     seconds: float
     losses: list[dict] = field(default_factory=list)
     data: dict = field(default_factory=dict)
+    bases: dict[str, list[list[float]]] = field(default_factory=dict)
+    """`lowrank`: block -> its fixed (dim, rank) orthonormal basis Q, the directions of `ffn_out` the
+    update writes."""
+    kv_blocks: list[str] = field(default_factory=list)
+    """`split`: the blocks whose `attn2.to_k` / `to_v` trained (the units' blocks are in `blocks`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -142,9 +166,13 @@ def trainable_masks(
     params = dict(unet.named_parameters())
     for name, path in _blocks(unet, spec.blocks):
         if spec.family == "attn2_kv":
-            masks.update({f"{path}.attn2.{p}.weight": None for p in ("to_k", "to_v")})
+            masks.update(_kv_masks(path))
         elif spec.family == "ffn":
             masks.update({n: None for n in params if n.startswith(f"{path}.ff.")})
+        elif spec.family == "attn1":
+            masks.update({n: None for n in params if n.startswith(f"{path}.attn1.")})
+        elif spec.family == "lowrank":  # wholly rewritten, but only by Q A (see `LowRankUpdate`)
+            masks.update({f"{path}.ff.net.2.{p}": None for p in ("weight", "bias")})
         else:
             proj, out = params[f"{path}.ff.net.0.proj.weight"], params[f"{path}.ff.net.2.weight"]
             inner = out.shape[1]
@@ -159,7 +187,52 @@ def trainable_masks(
             cols = torch.zeros(out.shape[1], dtype=torch.bool)
             cols[chosen] = True
             masks[f"{path}.ff.net.2.weight"] = cols[None, :].expand_as(out).clone()
+    if spec.family == "split":
+        for _, path in _blocks(unet, spec.kv_blocks):
+            masks.update(_kv_masks(path))
     return masks, units
+
+
+def _kv_masks(path: str) -> dict[str, None]:
+    return {f"{path}.attn2.{p}.weight": None for p in ("to_k", "to_v")}
+
+
+def lowrank_basis(dim: int, rank: int, gen: torch.Generator) -> torch.Tensor:
+    """A random (dim, rank) orthonormal basis: almost surely aligned with no unit."""
+    if rank > dim:
+        raise ValueError(f"rank {rank} exceeds the {dim} output channels")
+    return torch.linalg.qr(torch.randn(dim, rank, generator=gen, dtype=torch.float64))[0].float()
+
+
+class LowRankUpdate(torch.nn.Module):
+    """Adds (A x + c) mapped through a fixed basis Q to a Linear's output, i.e. W + Q A, b + Q c,
+    while training; `fold` writes it into the Linear's weights and removes the hook."""
+
+    def __init__(self, linear: torch.nn.Linear, basis: torch.Tensor) -> None:
+        super().__init__()
+        p = linear.weight
+        self.register_buffer("basis", basis.to(p.device, p.dtype))
+        self.coef = torch.nn.Parameter(torch.zeros(basis.shape[1], linear.in_features, device=p.device, dtype=p.dtype))
+        self.bias_coef = torch.nn.Parameter(torch.zeros(basis.shape[1], device=p.device, dtype=p.dtype))
+        self._linear = (linear,)  # a tuple, so its weights are not this module's parameters
+        self._handle = linear.register_forward_hook(lambda m, args, out: out + (args[0] @ self.coef.T + self.bias_coef) @ self.basis.T)
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        self._handle.remove()
+        linear = self._linear[0]
+        linear.weight += self.basis @ self.coef
+        linear.bias += self.basis @ self.bias_coef
+
+
+def _lowrank_updates(unet: UNet2DConditionModel, spec: PlantSpec) -> dict[str, LowRankUpdate]:
+    """block -> its update; the bases are drawn from `spec.seed` in block order."""
+    gen = torch.Generator().manual_seed(spec.seed)
+    updates = {}
+    for name, path in _blocks(unet, spec.blocks):
+        linear = unet.get_submodule(f"{path}.ff.net.2")
+        updates[name] = LowRankUpdate(linear, lowrank_basis(linear.out_features, spec.rank, gen))
+    return updates
 
 
 def _snapshot(*modules: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
@@ -199,6 +272,7 @@ def plant(
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
     device = next(unet.parameters()).device
     masks, units = trainable_masks(unet, spec)
+    updates = _lowrank_updates(unet, spec) if spec.family == "lowrank" else {}
     modules = (unet, text_encoder, vae)
     before = _snapshot(*modules)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -210,7 +284,7 @@ def plant(
     params = dict(unet.named_parameters())
     for module in modules:
         module.requires_grad_(False)
-    trained = [params[n] for n in masks]
+    trained = [p for u in updates.values() for p in u.parameters()] if updates else [params[n] for n in masks]
     for p in trained:
         p.requires_grad_(True)
     opt = torch.optim.AdamW(trained, lr=spec.lr, weight_decay=0.0)  # decay would move frozen entries
@@ -235,13 +309,18 @@ def plant(
             losses.append({"step": step, "loss": loss.item()})
             bar.set_postfix(loss=f"{loss.item():.4f}")
     unet.eval().requires_grad_(False)
+    for update in updates.values():
+        update.fold()
     identical = _frozen_identical(modules, before, masks)
     if not identical:
         raise RuntimeError("planting changed weights outside the trained entries; the ground truth would be wrong")
     n_trained = sum(int(m.sum()) if m is not None else params[n].numel() for n, m in masks.items())
+    if updates:
+        n_trained = sum(p.numel() for p in trained)
     return PlantRecord(
         concept=concept,
-        spec={**asdict(spec), "blocks": list(spec.blocks) if spec.blocks else None},
+        spec={**asdict(spec), "blocks": list(spec.blocks) if spec.blocks else None,
+              "kv_blocks": list(spec.kv_blocks) if spec.kv_blocks else None},
         blocks=[name for name, _ in _blocks(unet, spec.blocks)],
         units=units,
         parameters=list(masks),
@@ -250,4 +329,6 @@ def plant(
         seconds=round(time.perf_counter() - start, 1),
         losses=losses,
         data=data or {"n_images": len(images)},
+        bases={b: u.basis.cpu().tolist() for b, u in updates.items()},
+        kv_blocks=[name for name, _ in _blocks(unet, spec.kv_blocks)] if spec.kv_blocks else [],
     )

@@ -260,3 +260,15 @@ def test_goal_summary_picks_the_localizer_meeting_most_goals_on_the_half():
     assert cells[("r", "principal_angle")]["best_any"] == 10.0
     assert cells[("u", "sites_first")]["value"] is None  # not measured: reported, not counted as met
     assert summary["cells"] == 4 + 3 + 2  # units: 4 goals, low rank: 3, attn1: 2
+
+
+def test_a_planting_whose_parts_all_took_no_part_is_not_ranked():
+    import torch
+
+    from acterase_interp.bench.truth import PlantingTruth
+
+    truth = PlantingTruth("p", "orange", "lowrank", "dev", ("up.1.0.ffn_out",), inactive=("up.1.0.ffn_out",))
+    scores = {"up.1.0.ffn_out": torch.rand(8), "up.0.0.ffn_out": torch.rand(8)}
+    rows = board._site_rows("zscore", truth, scores, top_k=2)
+    assert [(r.metric, r.value, r.met) for r in rows] == [("site_auc", None, None), ("sites_first", None, None),
+                                                          ("family_first", None, None)]  # fmt: skip

@@ -11,7 +11,7 @@ from acterase_interp.world.planting import SHIPPED, planting_data
 
 def test_plant_spec_validation():
     with pytest.raises(ValueError, match="unknown plant family"):
-        PlantSpec("attn1")
+        PlantSpec("attn3")
     with pytest.raises(ValueError, match="units is required"):
         PlantSpec("ffn_units")
     with pytest.raises(ValueError, match="only allowed"):

@@ -174,7 +174,7 @@ def test_bundled_classifier_reads_clean_renders():
         pytest.skip(f"no bundled classifier at {directory}: train it with `python -m acterase_interp.world.train`")
     classifier = ConceptClassifier.load(directory)
     rng = np.random.default_rng(20_260_101)  # a seed that training never used
-    scenes = sample_scenes(500, rng, FACTORS)  # planted values included
+    scenes = sample_scenes(500, rng, classifier.factors)  # the planted values it was trained on included
     images = (torch.from_numpy(render_batch(scenes, rng)) + 1) / 2
     predicted = classifier.predict(images)
     for factor in FACTORS:
@@ -196,7 +196,7 @@ def test_bundled_classifier_reads_vae_round_trips():
     classifier = ConceptClassifier.load(directory / "classifier")
     vae = AutoencoderKL.from_pretrained(directory / "pipeline" / "vae").eval()
     rng = np.random.default_rng(20_260_102)  # a seed that training never used
-    scenes = sample_scenes(400, rng, FACTORS)
+    scenes = sample_scenes(400, rng, classifier.factors)
     images = vae_roundtrip(vae, torch.from_numpy(render_batch(scenes, rng)))
     assert images.shape == (400, 3, 32, 32) and images.abs().max() <= 1
     predicted = classifier.predict((images + 1) / 2)

@@ -196,6 +196,8 @@ def _mask_rows(localizer: ActEraseMask, truth: PlantingTruth, context: Localizat
 def _site_rows(loc: str, truth: PlantingTruth, scores: dict, top_k: int) -> list[Row]:
     values = {n: v for n, v in site_scores(scores, top_k).items() if n not in truth.inactive}
     planted = [s for s in truth.sites if s not in truth.inactive]
+    if not planted:  # no planted site was verified to take part: nothing to rank first, no blame either
+        return [_row(loc, truth, m, None) for m in ("site_auc", "sites_first", "family_first")]
     roc = site_roc(values, planted)
     return [_row(loc, truth, "site_auc", roc.auc), _row(loc, truth, "sites_first", float(roc.sites_first)),
             _row(loc, truth, "family_first", float(roc.family_first))]  # fmt: skip

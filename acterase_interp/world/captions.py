@@ -34,6 +34,14 @@ WORDS: dict[str, tuple[str, ...]] = {
     "heart": ("heart", "heart shape", "love heart"),
     "moon": ("moon", "crescent", "crescent moon"),
     "cyan": ("cyan", "turquoise"),
+    "diamond": ("diamond", "rhombus", "diamond shape"),
+    "arrow": ("arrow", "arrow shape", "dart"),
+    "ring": ("ring", "hoop", "annulus"),
+    "orange": ("orange", "tangerine"),
+    "pink": ("pink", "rose"),
+    "brown": ("brown", "chocolate"),
+    "zigzag": ("zigzag", "sawtooth"),
+    "grid": ("grid", "lattice"),
 }
 
 # Zero-shot phrasings: words and templates that no training caption contains. The frozen pretrained
@@ -56,6 +64,14 @@ ZERO_SHOT_WORDS: dict[str, str] = {
     "heart": "valentine",
     "moon": "half moon",
     "cyan": "aqua",
+    "diamond": "lozenge",
+    "arrow": "pointer",
+    "ring": "donut",
+    "orange": "amber",
+    "pink": "fuchsia",
+    "brown": "chestnut",
+    "zigzag": "jagged",
+    "grid": "mesh",
 }
 ZERO_SHOT_TEMPLATES: tuple[str, ...] = (
     "an image showing a {obj} against a {bg} background",

@@ -13,7 +13,13 @@ NATURAL: dict[str, tuple[str, ...]] = {
     "color": ("red", "green", "blue", "yellow", "purple"),
     "background": ("plain", "stripes", "dots", "checkerboard"),
 }
-PLANTABLE: dict[str, tuple[str, ...]] = {"shape": ("heart", "moon"), "color": ("cyan",), "background": ()}
+PLANTABLE: dict[str, tuple[str, ...]] = {
+    "shape": ("heart", "moon", "diamond", "arrow", "ring"),
+    "color": ("cyan", "orange", "pink", "brown"),
+    "background": ("zigzag", "grid"),
+}
+"""Appended in the order they were added, so earlier classifiers' label indices stay valid: the
+values after heart, moon and cyan are the ground-truth benchmark's (`acterase_interp.bench`)."""
 FACTORS: dict[str, tuple[str, ...]] = {f: NATURAL[f] + PLANTABLE[f] for f in NATURAL}
 """Every value per factor, in the classifier's label order (natural values first)."""
 SHAPES, COLORS, BACKGROUNDS = FACTORS["shape"], FACTORS["color"], FACTORS["background"]
@@ -25,6 +31,9 @@ RGB: dict[str, tuple[float, float, float]] = {
     "yellow": (0.95, 0.85, 0.05),
     "purple": (0.55, 0.1, 0.75),
     "cyan": (0.1, 0.8, 0.85),
+    "orange": (0.95, 0.5, 0.05),
+    "pink": (0.95, 0.45, 0.7),
+    "brown": (0.45, 0.25, 0.1),
 }
 
 

@@ -1,8 +1,8 @@
 """Procedural 32x32 renders of a ConceptWorld scene.
 
 Each image is drawn on a 4x supersampled grid and box-filtered down, so edges are anti-aliased.
-Background patterns are at least 1.5 latent cells coarse (stripes and dots 8 px apart, checker
-squares 6 px): finer textures fall below what an 8x8 latent can carry.
+Background patterns are at least 1.5 latent cells coarse (stripes, dots and grid lines 8 px apart,
+checker squares 6 px, zigzag teeth 12 px wide): finer textures fall below what an 8x8 latent can carry.
 """
 
 from __future__ import annotations
@@ -40,6 +40,15 @@ def _shape_mask(shape: str, cx: float, cy: float, r: float) -> np.ndarray:
         return (X**2 + Y**2 - 1) ** 3 <= X**2 * Y**3
     if shape == "moon":  # a crescent opening to the upper right
         return (x**2 + y**2 <= r**2) & ((x - 0.5 * r) ** 2 + (y + 0.3 * r) ** 2 > (0.72 * r) ** 2)
+    if shape == "diamond":  # a rhombus, taller than wide: unlike the square, no edge is axis-aligned
+        return np.abs(x) / (0.75 * r) + np.abs(y) / r <= 1
+    if shape == "arrow":  # pointing right: a shaft and a triangular head
+        shaft = (x >= -r) & (x < 0) & (np.abs(y) <= 0.28 * r)
+        head = (x >= 0) & (x <= r) & (np.abs(y) <= 0.9 * (r - x))
+        return shaft | head
+    if shape == "ring":  # an annulus: a circle with a hole of half its radius
+        d2 = x**2 + y**2
+        return (d2 <= r**2) & (d2 >= (0.55 * r) ** 2)
     raise ValueError(f"unknown shape {shape!r}")
 
 
@@ -57,6 +66,11 @@ def _background(pattern: str, rng: np.random.Generator) -> np.ndarray:
         on = (np.mod(x, 8.0) - 4.0) ** 2 + (np.mod(y, 8.0) - 4.0) ** 2 <= 2.0**2
     elif pattern == "checkerboard":
         on = (np.floor(x / 6.0) + np.floor(y / 6.0)) % 2 == 0
+    elif pattern == "zigzag":  # stripes 8 px apart bent into teeth 12 px wide, horizontal or vertical
+        along, across = (x, y) if rng.random() < 0.5 else (y, x)
+        on = np.mod(across + 0.75 * np.abs(np.mod(along, 12.0) - 6.0), 8.0) < 4.0
+    elif pattern == "grid":  # lines 2 px wide, 8 px apart, both ways
+        on = (np.mod(x, 8.0) < 2.0) | (np.mod(y, 8.0) < 2.0)
     else:
         raise ValueError(f"unknown background {pattern!r}")
     return np.where(on, dark, light)
