@@ -26,6 +26,7 @@ def test_notebooks_exist():
         "03_dimensionality.ipynb",
         "04_ablations.ipynb",
         "05_evaluation.ipynb",
+        "06_benchmark.ipynb",
     ]
 
 
