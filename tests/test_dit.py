@@ -232,13 +232,14 @@ def test_text_injection_gives_the_blocks_the_sources_text_stream(tiny):
     """Injected everywhere: the pipeline's image of the sources' prompt embedding with the targets'
     pooled embedding (up to float rounding: the shadow rows change the batch's size), not the
     sources' own image (the pooled embedding conditions every block); the text stream from the
-    first block on is the source's, so injecting there alone is bit for bit the same."""
+    first block on is the source's, so injecting there alone is the same (up to float rounding too:
+    the same rows sit at other batch positions, and multi-threaded matmuls may round them apart)."""
     inject = lambda blocks, steps=None: generate(tiny, PROMPTS, seeds=0, inject=TextInjection(SOURCES, blocks, steps),
                                                   progress=False)  # noqa: E731  fmt: skip
     everywhere, target = inject(None), _images(tiny)
     torch.testing.assert_close(everywhere, _source_states_target_pooled(tiny), atol=1e-5, rtol=0)
     assert (everywhere - _images(tiny, SOURCES)).abs().max() > 1e-4 and (everywhere - target).abs().max() > 1e-4
-    assert torch.equal(inject(("double.0",)), everywhere)
+    torch.testing.assert_close(inject(("double.0",)), everywhere, atol=1e-5, rtol=0)
     assert torch.equal(inject(()), target) and torch.equal(inject(None, (0, 0)), target)
     late = inject(("double.last1",))
     assert not torch.equal(late, target) and not torch.equal(late, everywhere)
