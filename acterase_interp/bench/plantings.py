@@ -23,7 +23,6 @@ the share of their activation change that lies in the planted subspace.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,12 +32,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .. import loading
 from ..generation import generate
-from ..integrity import ArtifactError, sha256_file
+from ..integrity import ArtifactError, load_tensors, read_object, sha256_file
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..metrics import factor_accuracy
 from ..plant import PlantRecord, PlantSpec
@@ -251,19 +249,12 @@ def base_natural_rates(classifier: ConceptClassifier) -> dict:
     """The default model's natural rates, computed once and kept in `base_quality.json`."""
     path = bench_dir() / BASE_QUALITY
     if path.exists():
-        stored = _read_json(path)
+        stored = read_object(path, "bench base quality")
         if stored["options"] == {"n": N_NATURAL, "seed": SEED}:
             return stored["rates"]
     rates = natural_rates(loading.load(loading.CONCEPTWORLD), classifier)
     atomic_write_json({"rates": rates, "options": {"n": N_NATURAL, "seed": SEED}, "versions": library_versions()}, path)
     return rates
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ArtifactError(f"cannot read {path}: {e}") from e
 
 
 def verify(model, record: PlantRecord, before: dict[str, torch.Tensor], reader: Reader,
@@ -336,7 +327,7 @@ def _open(name: str, device: str = "cpu"):
     if not (folder / TRUTH).exists():
         raise FileNotFoundError(f"planting {name!r} is not stored in {folder}; plant it with "
                                 f"`python -m acterase_interp.bench.plantings --plant {name}`")  # fmt: skip
-    stored = _read_json(folder / TRUTH)
+    stored = read_object(folder / TRUTH, "bench planting truth")
     if (base := sha256_file(base_unet_file())) != stored["base_unet_sha256"]:
         raise ArtifactError(f"planting {name!r} was made on a default UNet with sha256 {stored['base_unet_sha256']}, "
                             f"but {base_unet_file()} has {base}: the overlay would not give the planted model")  # fmt: skip
@@ -344,7 +335,7 @@ def _open(name: str, device: str = "cpu"):
         raise ArtifactError(f"{folder / OVERLAY} changed since it was written (sha256 differs from truth.json)")
     model = loading.load(loading.CONCEPTWORLD, device=device)
     params = dict(model.pipeline.unet.named_parameters())
-    overlay = load_file(folder / OVERLAY)
+    overlay = load_tensors(folder / OVERLAY)
     before = {n: params[n].detach().clone() for n in overlay}
     with torch.no_grad():
         for n, v in overlay.items():
@@ -400,7 +391,7 @@ def markdown_table() -> str:
         path = bench_dir() / p.name / TRUTH
         if not path.exists():
             continue
-        d = _read_json(path)
+        d = read_object(path, "bench planting truth")
         r, v, t = d["record"], d["verification"] or {}, d["truth"]
         size = {"lowrank": f"r={p.spec.rank}"}.get(p.spec.family, f"{p.spec.units} units" if p.spec.units else "all")
         parts = "; ".join(f"{k}: {s['share']:.2f} ± {s['se']:.2f}{'' if s['active'] else ' (inactive)'}"
