@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy.linalg import subspace_angles
-from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 SITE_TOP_K = 8
 """Units per site whose (family-normalised) scores make the site's score (`site_scores`)."""
@@ -37,23 +37,16 @@ def _binary(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Seque
 
 def unit_auroc(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[bool]) -> float:
     """ROC AUC: the probability that a random positive scores above a random negative, ties
-    counting one half (the Mann-Whitney U statistic over P * N)."""
+    counting one half (scikit-learn's `roc_auc_score`)."""
     s, y = _binary(scores, labels)
-    ranks = rankdata(s)  # average ranks: ties share
-    p, n = int(y.sum()), int((~y).sum())
-    return float((ranks[y].sum() - p * (p + 1) / 2) / (p * n))
+    return float(roc_auc_score(y, s))
 
 
 def average_precision(scores: torch.Tensor | Sequence[float], labels: torch.Tensor | Sequence[bool]) -> float:
     """Average precision, sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds from the
-    highest down (tied scores enter together, as in scikit-learn)."""
+    highest down, tied scores entering together (scikit-learn's `average_precision_score`)."""
     s, y = _binary(scores, labels)
-    order = np.argsort(-s, kind="stable")
-    s, y = s[order], y[order]
-    last = np.r_[np.nonzero(np.diff(s))[0], s.size - 1]  # the last index of every tie group
-    hits = np.cumsum(y)[last]
-    precision, recall = hits / (last + 1), hits / y.sum()
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(y, s))
 
 
 @dataclass(frozen=True)
