@@ -25,13 +25,13 @@ conditions every block through the time embedding, is not per block, and stays t
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
-from .patching import Window, count_steps
+from .hooks import Hooks, Window
 from .sites import is_dit, list_dit_sites, list_sites, select_sites
 
 
@@ -136,8 +136,8 @@ def injected(pipe: Any, inject: TextInjection, sources: Sequence[str]) -> Iterat
         yield
         return
     source = encode_prompts(pipe, list(sources))
-    with ExitStack() as stack:
-        counter = stack.enter_context(count_steps(unet))
+    with Hooks() as hooks:
+        counter = hooks.count_steps(unet)
 
         def swap(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
             if not counter.within(inject.steps):
@@ -147,8 +147,7 @@ def injected(pipe: Any, inject: TextInjection, sources: Sequence[str]) -> Iterat
             return args, {**kwargs, "encoder_hidden_states": _swap_conditional(kwargs["encoder_hidden_states"], source)}
 
         for site in sites:
-            handle = unet.get_submodule(site.module_path).register_forward_pre_hook(swap, with_kwargs=True)
-            stack.callback(handle.remove)
+            hooks.pre(unet, swap, name=f"inject text at {site.block}", path=site.module_path, with_kwargs=True)
         yield
 
 
@@ -194,11 +193,10 @@ def dit_injected(pipe: Any, inject: TextInjection, sources: Sequence[str]) -> It
             return None
         return (output[0][:batch], *output[1:]) if isinstance(output, tuple) else type(output)(sample=output.sample[:batch])
 
-    with ExitStack() as stack:
-        counter = stack.enter_context(count_steps(transformer))
-        hooks = [transformer.register_forward_pre_hook(widen, with_kwargs=True),
-                 transformer.register_forward_hook(narrow, with_kwargs=True)]  # fmt: skip
-        hooks += [transformer.get_submodule(b).register_forward_pre_hook(read_shadow, with_kwargs=True) for b in blocks]
-        for handle in hooks:
-            stack.callback(handle.remove)
+    with Hooks() as hooks:
+        counter = hooks.count_steps(transformer)
+        hooks.pre(transformer, widen, name="add shadow rows", with_kwargs=True)
+        hooks.forward(transformer, narrow, name="drop shadow rows", with_kwargs=True)
+        for block in blocks:
+            hooks.pre(transformer, read_shadow, name=f"read shadow text at {block}", path=block, with_kwargs=True)
         yield

@@ -4,17 +4,18 @@ and the model.
 A *patch* is anything with `sites` and a call `patch(site_name, x, step) -> x` (an `Eraser`'s
 Eq. 6, a merged eraser, a `SubspacePatch`). It reaches the model by one of two engines, which
 share the parts below: the output adapter (`unwrap` / `rewrap`: a site's tensor inside a module's
-output), the (batch, tokens, units) layout (`to_tokens` / `from_tokens`), `unet_of`, timestep
-parsing (`call_timestep`) and the step index. A site lives in its `Site.component`: the UNet, or
-for a `text_layer` site the pipeline's `text_encoder` / `text_encoder_2` (`site_module`).
+output), the (batch, tokens, units) layout (`to_tokens` / `from_tokens`), `unet_of`, and the step
+index (`hooks.StepCounter`, which parses each call's timestep: `call_timestep`). A site lives in
+its `Site.component`: the UNet, or for a `text_layer` site the pipeline's `text_encoder` /
+`text_encoder_2` (`site_module`).
 
 - **torch hooks** (`patched`; `Eraser.applied` and `SubspacePatch.applied` are built on it, and
-  so is every evaluation in `analysis`): forward hooks on the UNet's modules, removed on exit even
-  on an exception. Any pipeline call inside the block is patched, a nnsight trace too. The step
-  index comes from the one step counter (`count_steps`), a pre-hook on the UNet. This is the fast
-  path: no tracing. Text-encoder sites are hooked on their encoder and patched at *every* encoder
-  call, the prompts' and the negative prompt's (under CFG) alike, as UNet sites patch both CFG
-  halves, with step index 0 (their statistics are the same at every step).
+  so is every evaluation in `analysis`): forward hooks on the UNet's modules (`hooks.Hooks`),
+  removed on exit even on an exception. Any pipeline call inside the block is patched, a nnsight
+  trace too. The step index comes from the one step counter (`Hooks.count_steps`), a pre-hook on
+  the UNet. This is the fast path: no tracing. Text-encoder sites are hooked on their encoder and
+  patched at *every* encoder call, the prompts' and the negative prompt's (under CFG) alike, as
+  UNet sites patch both CFG halves, with step index 0 (their statistics are the same at every step).
 - **nnsight** (`patch_in_trace`; `Eraser.apply`): whole-value assignments to sites' `.input` /
   `.output` inside a user's trace, in execution order (nnsight's one hard rule: within a step,
   modules are visited in the order they run). The step index is the caller's `tracer.iter` index.
@@ -32,8 +33,7 @@ import dataclasses
 import inspect
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
@@ -42,10 +42,8 @@ from nnsight.intervention.interleaver import Mediator
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from .sites import DENOISERS, Site, is_dit
-
-Window = tuple[int, int]
-"""A half-open range of denoising steps [start, stop)."""
+from .hooks import Hooks, StepCounter, StepSchedule, Window, call_timestep, count_steps  # noqa: F401  (re-exported)
+from .sites import DENOISERS, Site
 
 
 class Patch(Protocol):
@@ -113,24 +111,9 @@ def from_tokens(x: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return x if len(shape) == 3 else x.transpose(1, 2).reshape(shape)
 
 
-def timestep_value(timestep: Any) -> float:
-    """A timestep as a float (a scalar, a 0-d tensor, or a per-row tensor of equal entries)."""
-    return float(timestep.flatten()[0]) if torch.is_tensor(timestep) else float(timestep)
-
-
 def call_sample(args: tuple, kwargs: dict) -> torch.Tensor:
     """The latent of a denoiser call: `unet(sample, ...)`, or a DiT's `hidden_states=` keyword."""
     return args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-
-
-def call_timestep(args: tuple, kwargs: dict) -> float:
-    """The timestep of a denoiser call `unet(sample, timestep, ...)`, given positionally or by name
-    (DiT pipelines pass `timestep=`; FLUX's is the flow-matching sigma, SD3's sigma x 1000)."""
-    if len(args) > 1:
-        return timestep_value(args[1])
-    if "timestep" not in kwargs:
-        raise TypeError("this UNet call has no timestep: call it as unet(sample, timestep, ...)")
-    return timestep_value(kwargs["timestep"])
 
 
 # -- the output adapter --------------------------------------------------------------------------
@@ -162,92 +145,25 @@ def rewrap(value: Any, x: torch.Tensor, index: int = 0) -> Any:
     raise TypeError(f"cannot replace the activation tensor in a {type(value).__name__}")
 
 
-# -- the step counter ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepSchedule:
-    """The steps a per-step patch was fitted for."""
-
-    num_steps: int
-    """UNet calls per sampling run."""
-    timesteps: tuple[float, ...] | None = None
-    """The scheduler's timestep at each call, if known: every call is checked against it."""
-
-    def check(self, step: int, timestep: float) -> None:
-        if self.timesteps is not None and timestep != self.timesteps[step]:
-            raise RuntimeError(
-                f"UNet call at timestep {timestep} is step {step} of its sampling run, but the per-step patch (e.g. "
-                f"an eraser with per-step masks) was fitted for timestep {self.timesteps[step]} there: generate with "
-                f"the fitted scheduler and {self.num_steps} denoising steps, one generation at a time"
-            )
-
-
-@dataclass
-class StepCounter:
-    """The index of the denoising step being computed (-1 before the first UNet call).
-
-    Pipelines call the UNet once per step (both CFG halves batched) with falling timesteps, so a
-    call whose timestep rises above the previous one starts a new sampling run, as does the call
-    after the last step of a `schedule`. Equal consecutive timesteps (PNDM's and Heun's repeated
-    steps) count as steps of the same run, except on a DiT (`repeat_is_same_step`): FLUX's
-    true CFG (`true_cfg_scale > 1`) calls the transformer twice per sigma, and flow-matching
-    sigmas never repeat, so a repeated timestep there is the same step."""
-
-    schedule: StepSchedule | None = None
-    """If given, runs are `schedule.num_steps` calls long and each call's timestep is checked."""
-    step: int = -1
-    """Current step, counted from 0 in every sampling run."""
-    timestep: float = float("inf")
-    """The scheduler timestep of the current step."""
-    repeat_is_same_step: bool = False
-    """Whether a call at the current step's timestep belongs to that step (a DiT's: see above)."""
-
-    def advance(self, timestep: float) -> None:
-        """Count one UNet call at `timestep`."""
-        if self.repeat_is_same_step and timestep == self.timestep:
-            return
-        full = self.schedule is not None and self.step + 1 >= self.schedule.num_steps
-        self.step = 0 if timestep > self.timestep or full else self.step + 1
-        self.timestep = timestep
-        if self.schedule is not None:
-            self.schedule.check(self.step, timestep)
-
-    def within(self, window: Window | None) -> bool:
-        """Whether the current step lies in `window` (always, for None)."""
-        return window is None or window[0] <= self.step < window[1]
-
-
-@contextmanager
-def count_steps(unet: nn.Module, schedule: StepSchedule | None = None) -> Iterator[StepCounter]:
-    """Count denoising steps (see `StepCounter`) while the context is open."""
-    counter = StepCounter(schedule, repeat_is_same_step=is_dit(unet))
-
-    def tick(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        counter.advance(call_timestep(args, kwargs))
-
-    # prepend: the counter must advance before any other pre-hook of this call reads it
-    handle = unet.register_forward_pre_hook(tick, prepend=True, with_kwargs=True)
-    try:
-        yield counter
-    finally:
-        handle.remove()
-
-
 # -- engine 1: torch hooks -----------------------------------------------------------------------
 
 
-def hook_site(model: Any, site: Site, fn: Callable[[torch.Tensor], torch.Tensor]) -> RemovableHandle:
+def hook_site(
+    model: Any, site: Site, fn: Callable[[torch.Tensor], torch.Tensor], hooks: Hooks | None = None
+) -> RemovableHandle:
     """Hook `site` of `model` (a UNet, a pipeline or an acterase model; text-encoder sites need a
-    pipeline) so that its activation x becomes fn(x); remove the returned handle to undo."""
+    pipeline) so that its activation x becomes fn(x): held by `hooks`, removed with them, or if
+    None on its own; the returned handle removes it early."""
     module = site_module(model, site)
+    hooks = hooks if hooks is not None else Hooks()
+    name = f"site {site.name}"
     if site.io == "input":
-        return module.register_forward_pre_hook(lambda mod, args: (fn(args[0]), *args[1:]))
+        return hooks.pre(module, lambda mod, args: (fn(args[0]), *args[1:]), name=name)
     # text layers: prepended, since transformers collects `output_hidden_states` (SDXL reads them)
     # by its own layer hooks, which must see the patched output
     i = site.output_index
-    return module.register_forward_hook(lambda mod, args, output: rewrap(output, fn(unwrap(output, i)), i),
-                                        prepend=not is_denoiser_site(site))  # fmt: skip
+    return hooks.forward(module, lambda mod, args, output: rewrap(output, fn(unwrap(output, i)), i), name=name,
+                         prepend=not is_denoiser_site(site))  # fmt: skip
 
 
 @contextmanager
@@ -272,8 +188,8 @@ def patched(model: Any, patch: Patch | None, steps: Window | None = None) -> Ite
                          f"limited to steps {steps}")  # fmt: skip
     if patch is not None and hasattr(patch, "check_model"):
         patch.check_model(model)
-    with ExitStack() as stack:
-        counter = stack.enter_context(count_steps(unet, getattr(patch, "schedule", None)))
+    with Hooks() as hooks:
+        counter = hooks.count_steps(unet, getattr(patch, "schedule", None))
         for site in sites:
 
             def fn(x: torch.Tensor, name: str = site.name, text: bool = not is_denoiser_site(site)) -> torch.Tensor:
@@ -281,7 +197,7 @@ def patched(model: Any, patch: Patch | None, steps: Window | None = None) -> Ite
                     return patch(name, x, 0)
                 return patch(name, x, counter.step) if counter.within(steps) else x
 
-            stack.callback(hook_site(model, site, fn).remove)
+            hook_site(model, site, fn, hooks)
         yield counter
 
 

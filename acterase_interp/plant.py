@@ -29,6 +29,7 @@ import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
+from .hooks import Hooks
 from .sites import _block_names
 
 PLANT_FAMILIES: tuple[str, ...] = ("ffn", "ffn_units", "attn2_kv", "attn1", "lowrank", "split")
@@ -215,11 +216,13 @@ class LowRankUpdate(torch.nn.Module):
         self.coef = torch.nn.Parameter(torch.zeros(basis.shape[1], linear.in_features, device=p.device, dtype=p.dtype))
         self.bias_coef = torch.nn.Parameter(torch.zeros(basis.shape[1], device=p.device, dtype=p.dtype))
         self._linear = (linear,)  # a tuple, so its weights are not this module's parameters
-        self._handle = linear.register_forward_hook(lambda m, args, out: out + (args[0] @ self.coef.T + self.bias_coef) @ self.basis.T)
+        self._hooks = Hooks()  # held until `fold`, not for a `with` block
+        self._hooks.forward(linear, lambda m, args, out: out + (args[0] @ self.coef.T + self.bias_coef) @ self.basis.T,
+                            name="low-rank update")  # fmt: skip
 
     @torch.no_grad()
     def fold(self) -> None:
-        self._handle.remove()
+        self._hooks.close()
         linear = self._linear[0]
         linear.weight += self.basis @ self.coef
         linear.bias += self.basis @ self.bias_coef

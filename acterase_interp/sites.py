@@ -56,6 +56,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
 
+from .hooks import Hooks, is_dit  # noqa: F401  (is_dit: re-exported; the step counter needs it too)
+
 DIT_KINDS: tuple[str, ...] = ("txt_k", "txt_v", "img_mlp_hidden", "txt_mlp_hidden", "mlp_hidden", "txt_out", "img_out")
 SITE_KINDS: tuple[str, ...] = (
     "text_layer", "attn1_out", "attn2_k", "attn2_v", "attn2_out", "ffn_hidden", "ffn_out", "block_out", "unet_out",
@@ -169,24 +171,19 @@ def discover_sites(
     size = sample_size or unet.config.sample_size
     candidates = {(s.module_path, s.io): s for s in list_sites(unet)}
     seen: list[tuple[Site, tuple[int, ...]]] = []
-    handles = []
-    for (path, io), site in candidates.items():
-        module = unet.get_submodule(path) if path else unet
+    with Hooks() as hooks:
+        for (path, io), site in candidates.items():
 
-        def hook(mod, args, output, site=site):
-            x = args[0] if site.io == "input" else output
-            x = x.sample if hasattr(x, "sample") else (x[0] if isinstance(x, tuple) else x)
-            seen.append((site, tuple(x.shape[1:])))
+            def hook(mod, args, output, site=site):
+                x = args[0] if site.io == "input" else output
+                x = x.sample if hasattr(x, "sample") else (x[0] if isinstance(x, tuple) else x)
+                seen.append((site, tuple(x.shape[1:])))
 
-        handles.append(module.register_forward_hook(hook))
-    try:
+            hooks.forward(unet, hook, name=f"shape of {site.name}", path=path)
         p = next(unet.parameters())
         sample = torch.zeros(1, unet.config.in_channels, size, size, dtype=p.dtype, device=p.device)
         context = torch.zeros(1, text_tokens, unet.config.cross_attention_dim, dtype=p.dtype, device=p.device)
         unet(sample, 10, encoder_hidden_states=context, added_cond_kwargs=_added_conditions(unet, p))
-    finally:
-        for h in handles:
-            h.remove()
     # Forward hooks fire when a module returns: a Linear's input hook fires before its parent's output,
     # to_k's and to_v's outputs before attn2's, and a block's output after all of its parts.
     return [Site(s.name, s.kind, s.block, s.module_path, s.io, s.reader_path, shape) for s, shape in seen]
@@ -301,11 +298,6 @@ def dit_kinds(kinds: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(k2 for k in kinds for k2 in DIT_ANALOGUES.get(k, (k,))))
 
 
-def is_dit(model: nn.Module) -> bool:
-    """Whether `model` is a diffusion transformer with double-stream (joint) blocks."""
-    return isinstance(getattr(model, "transformer_blocks", None), nn.ModuleList) and not hasattr(model, "down_blocks")
-
-
 def _keeps_text(block: nn.Module) -> bool:
     """Whether a double block updates the text stream (SD3's last block does not)."""
     return getattr(block, "ff_context", None) is not None
@@ -354,19 +346,15 @@ def discover_dit_sites(transformer: nn.Module, sample_size: int = 4, text_tokens
     for site in list_dit_sites(transformer):
         by_module.setdefault((site.module_path, site.io), []).append(site)
     seen: list[Site] = []
-    handles = []
-    for (path, io), group in by_module.items():
+    with Hooks() as hooks:
+        for (path, io), group in by_module.items():
 
-        def hook(mod, args, output, group=group):
-            for s in group:
-                x = args[0] if s.io == "input" else output
-                x = x[s.output_index] if isinstance(x, tuple) else x
-                seen.append(replace(s, shape=tuple(x.shape[1:])))
+            def hook(mod, args, output, group=group):
+                for s in group:
+                    x = args[0] if s.io == "input" else output
+                    x = x[s.output_index] if isinstance(x, tuple) else x
+                    seen.append(replace(s, shape=tuple(x.shape[1:])))
 
-        handles.append(transformer.get_submodule(path).register_forward_hook(hook))
-    try:
+            hooks.forward(transformer, hook, name=f"shapes of {', '.join(s.name for s in group)}", path=path)
         transformer(**_dit_probe(transformer, sample_size, text_tokens))
-    finally:
-        for h in handles:
-            h.remove()
     return seen

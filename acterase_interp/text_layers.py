@@ -19,12 +19,13 @@ The same layers are `text_layer` intervention sites (`text_layer_sites`) for fit
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .hooks import Hooks
 from .injection import encode_prompts, prompt_tuple
 from .patching import unwrap
 from .sites import TEXT_LAYER, Site
@@ -107,14 +108,14 @@ def text_layer_sites(pipe: Any) -> list[Site]:
     (tokens, width) measured by one encode of a probe prompt (tokens: the tokenizer's padded length)."""
     names = text_layers(pipe)
     shapes: dict[str, tuple[int, ...]] = {}
-    with ExitStack() as stack:
+    with Hooks() as hooks:
         for name in names:
             encoder, _, i = name.rpartition(".")
 
             def hook(module: torch.nn.Module, args: tuple, output: Any, name: str = name) -> None:
                 shapes.setdefault(name, tuple(unwrap(output).shape[1:]))
 
-            stack.callback(encoder_layers(pipe, encoder)[int(i)].register_forward_hook(hook).remove)
+            hooks.forward(encoder_layers(pipe, encoder)[int(i)], hook, name=f"shape of {name}")
         encode_prompts(pipe, ["a red circle"])
     sites = []
     for name in names:
@@ -147,13 +148,12 @@ def _record(pipe: Any, encoder: str, layers: dict[int, torch.nn.Module], prompts
     """The input ids that `pipe.encode_prompt` gives `encoder` for `prompts`, and `layers`' outputs."""
     ids: list[torch.Tensor] = []
     states: dict[int, torch.Tensor] = {}
-    with ExitStack() as stack:
-        module = getattr(pipe, encoder)
-        handle = module.register_forward_pre_hook(lambda m, a, kw: ids.append(_input_ids(a, kw).cpu()), with_kwargs=True)
-        stack.callback(handle.remove)
+    with Hooks() as hooks:
+        hooks.pre(getattr(pipe, encoder), lambda m, a, kw: ids.append(_input_ids(a, kw).cpu()),
+                  name=f"record {encoder} input ids", with_kwargs=True)  # fmt: skip
         for i, layer in layers.items():
-            handle = layer.register_forward_hook(lambda m, a, out, i=i: states.__setitem__(i, out.detach().clone()))
-            stack.callback(handle.remove)
+            hooks.forward(layer, lambda m, a, out, i=i: states.__setitem__(i, out.detach().clone()),
+                          name=f"record {encoder}.{i}")  # fmt: skip
         encode_prompts(pipe, prompts)
     if len(ids) != 1:
         raise RuntimeError(f"encoding one batch of prompts called {encoder} {len(ids)} times; expected once")
@@ -200,13 +200,13 @@ def _layers_injected(pipe: Any, inject: TextLayerInjection, sources: list[str], 
     def swap(module: torch.nn.Module, args: tuple, output: torch.Tensor, i: int) -> torch.Tensor | None:
         return _swapped(output, source[i], inject.tokens) if reading[0] else None
 
-    with ExitStack() as stack:
+    with Hooks() as hooks:
         encoder = getattr(pipe, inject.encoder)
-        handles = [encoder.register_forward_pre_hook(enter, with_kwargs=True), encoder.register_forward_hook(leave)]
+        hooks.pre(encoder, enter, name=f"{inject.encoder} enters", with_kwargs=True)
+        hooks.forward(encoder, leave, name=f"{inject.encoder} leaves")
         # prepended: transformers collects `output_hidden_states` (SDXL reads them) by its own layer
         # hooks, which must see the replaced output
-        handles += [layer.register_forward_hook(lambda m, a, out, i=i: swap(m, a, out, i), prepend=True)
-                    for i, layer in layers.items()]  # fmt: skip
-        for handle in handles:
-            stack.callback(handle.remove)
+        for i, layer in layers.items():
+            hooks.forward(layer, lambda m, a, out, i=i: swap(m, a, out, i), name=f"inject {inject.encoder}.{i}",
+                          prepend=True)  # fmt: skip
         yield

@@ -10,7 +10,8 @@ Masks for a new tau, time rule, pair rule or layer subset come from stored `FitS
 only image generation is ever repeated.
 """
 
-from ..patching import count_steps, patched
+from ..hooks import count_steps
+from ..patching import patched
 from ..text_layers import text_layers
 from .activations import collect_activations
 from .causal import (

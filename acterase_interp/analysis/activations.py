@@ -4,14 +4,14 @@ tokens and denoising steps: one feature vector per image, e.g. for linear probes
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import ExitStack
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
 from ..generation import generate, seed_list
-from ..patching import Window, count_steps, hook_site, to_tokens, unet_of
+from ..hooks import Hooks, Window
+from ..patching import hook_site, to_tokens, unet_of
 from ..sites import Site
 
 ROWS = ("cond", "uncond", "both")
@@ -44,8 +44,8 @@ def collect_activations(
         n = len(prompts[chunk])
         sums: dict[str, torch.Tensor] = {}
         counts: dict[str, int] = {}
-        with ExitStack() as stack:
-            counter = stack.enter_context(count_steps(unet))
+        with Hooks() as hooks:
+            counter = hooks.count_steps(unet)
             for site in sites:
 
                 def read(x: torch.Tensor, name: str = site.name) -> torch.Tensor:
@@ -58,7 +58,7 @@ def collect_activations(
                     counts[name] = counts.get(name, 0) + 1
                     return x  # a read: the activation passes unchanged
 
-                stack.callback(hook_site(unet, site, read).remove)
+                hook_site(unet, site, read, hooks)
             generate(model, prompts[chunk], seeds=seeds[chunk], num_inference_steps=num_inference_steps,
                      guidance_scale=guidance_scale, batch_size=batch_size, progress=False)  # fmt: skip
         missing = [s.name for s in sites if s.name not in sums]

@@ -21,7 +21,7 @@ written out with gradients allowed; without gradients its images equal `generate
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +29,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
+from ..hooks import Hooks
 from ..patching import hook_site, to_tokens
 from ..sites import UNET, Site
 
@@ -141,9 +142,9 @@ def probed(pipe: Any, sites: Sequence[Site]) -> Iterator[dict[str, _Probe]]:
     """Hook every site so that each UNet call's activation is kept and can take a gradient; the
     hooks are removed on exit, even on an exception."""
     probes = {s.name: _Probe([], []) for s in sites}
-    with ExitStack() as stack:
+    with Hooks() as hooks:
         for s in sites:
-            stack.callback(hook_site(pipe, s, probes[s.name]).remove)
+            hook_site(pipe, s, probes[s.name], hooks)
         yield probes
 
 
