@@ -15,7 +15,8 @@ from typing import Protocol
 
 import torch
 
-from .world.factors import FACTORS, Scene, factor_of
+from .world.concept import Concept, as_concept
+from .world.factors import FACTORS, Scene
 
 Predictions = Mapping[str, Sequence[str]]
 """Factor name -> the value predicted for each image, as `ConceptClassifier.predict` returns it."""
@@ -114,21 +115,21 @@ def factor_accuracy(classifier: Classifier, images: torch.Tensor, scenes: Sequen
     return factor_accuracy_from_predictions(classifier.predict(images), scenes)
 
 
-def concept_rate_from_predictions(predictions: Predictions, concept: str) -> Rate:
+def concept_rate_from_predictions(predictions: Predictions, concept: str | Concept) -> Rate:
     """Share of images whose predicted value for the concept's factor is `concept` (e.g. the
     share of images read as "red")."""
-    factor = factor_of(concept)
-    values = predictions.get(factor)
+    concept = as_concept(concept)
+    values = predictions.get(concept.factor)
     if not values:
-        raise ValueError(f"no {factor} predictions to look for {concept!r} in")
-    return Rate.from_outcomes([v == concept for v in values])
+        raise ValueError(f"no {concept.factor} predictions to look for {concept.value!r} in")
+    return Rate.from_outcomes([v == concept.value for v in values])
 
 
-def concept_rate(classifier: Classifier, images: torch.Tensor, concept: str) -> Rate:
+def concept_rate(classifier: Classifier, images: torch.Tensor, concept: str | Concept) -> Rate:
     """Share of `images` (N, 3, H, W) in [0, 1] that `classifier` reads as showing `concept`:
     after erasing "red", the share still read as red."""
     _check_images(images)
-    factor_of(concept)  # fail on an unknown concept before running the classifier
+    concept = as_concept(concept)  # fail on an unknown concept before running the classifier
     return concept_rate_from_predictions(classifier.predict(images), concept)
 
 

@@ -21,6 +21,7 @@ from acterase_interp.world.captions import (
     vocabulary,
 )
 from acterase_interp.world.classifier import ConceptClassifier
+from acterase_interp.world.concept import with_values
 from acterase_interp.world.factors import (
     FACTORS,
     NATURAL,
@@ -29,7 +30,6 @@ from acterase_interp.world.factors import (
     all_scenes,
     factor_of,
     sample_scenes,
-    with_values,
 )
 from acterase_interp.world.render import render, render_batch
 from acterase_interp.world.tokenizer import build_tokenizer

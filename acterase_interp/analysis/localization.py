@@ -16,7 +16,7 @@ from scipy.stats import spearmanr
 
 from ..executor import Executor, run_cells
 from ..patching import Window
-from ..world.factors import factor_of
+from ..world.concept import as_concept
 from .records import Record, column, group_mean
 
 if TYPE_CHECKING:
@@ -177,7 +177,7 @@ def site_profile(statistics: Mapping[str, FitStatistics]) -> list[Record]:
     out = []
     for concept, stats in statistics.items():
         try:
-            factor = factor_of(concept)
+            factor = as_concept(concept).factor
         except ValueError:
             factor = "concept"
         means = {s: p.mean().item() for s, p in stats.difference().items()}

@@ -10,8 +10,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..world.captions import WORDS, ZERO_SHOT_WORDS, canonical, paraphrase, zero_shot
-from ..world.factors import FACTORS, NATURAL, Scene, all_scenes, factor_of
-from ..world.pairs import canonical_prompt, concept_scenes, other_value_scenes
+from ..world.concept import Concept, as_concept
+from ..world.factors import FACTORS, Scene, all_scenes
+from ..world.pairs import concept_scenes, other_value_scenes
 from .core import PromptSet
 
 SET_NAMES = ("target", "paraphrase", "non_target", "zero_shot")
@@ -39,10 +40,10 @@ def scene_of(prompt: str) -> Scene:
     return Scene(**found)
 
 
-def prompts_without(concepts: Sequence[str], template: int = 0) -> tuple[list[str], list[Scene]]:
+def prompts_without(concepts: Sequence[str | Concept], template: int = 0) -> tuple[list[str], list[Scene]]:
     """Canonical captions (and scenes) of every ConceptWorld scene that shows none of `concepts`:
     the non-target set on which a multi-concept eraser must preserve content."""
-    banned = set(concepts)
+    banned = {str(c) for c in concepts}
     scenes = [s for s in all_scenes() if not banned & {s.shape, s.color, s.background}]
     if not scenes:
         raise ValueError(f"every ConceptWorld scene shows one of {sorted(banned)}")
@@ -54,7 +55,12 @@ def _cycle(items: list, n: int) -> list:
 
 
 def conceptworld_prompt_sets(
-    concept: str, n_images: int, rng: np.random.Generator, exclude: Sequence[str] = (), *, zero_shot_set: bool = False
+    concept: str | Concept,
+    n_images: int,
+    rng: np.random.Generator,
+    exclude: Sequence[str] = (),
+    *,
+    zero_shot_set: bool = False,
 ) -> list[PromptSet]:
     """`n_images` fresh prompts per set (`SET_NAMES`; `zero_shot` only with `zero_shot_set`);
     prompts in `exclude` (the fitting prompts) are skipped, and a set with fewer distinct prompts
@@ -62,17 +68,17 @@ def conceptworld_prompt_sets(
     set last, so asking for it leaves the other sets as they were."""
     if n_images < 1:
         raise ValueError(f"n_images must be at least 1, got {n_images}")
-    excluded = set(exclude)
+    concept, excluded = as_concept(concept), set(exclude)
     scenes = concept_scenes(concept, rng)
-    targets = _cycle([st for st in scenes if canonical_prompt(*st) not in excluded], n_images)
+    targets = _cycle([st for st in scenes if canonical(*st) not in excluded], n_images)
     paraphrased = _cycle(concept_scenes(concept, rng), n_images)
-    every_other = sum(v != concept for v in NATURAL[factor_of(concept)]) * len(scenes)  # as many scenes each
+    every_other = len(concept.others) * len(scenes)  # as many scenes each
     others = _cycle([st for st in other_value_scenes(concept, every_other, rng)
-                     if canonical_prompt(*st) not in excluded], n_images)  # fmt: skip
+                     if canonical(*st) not in excluded], n_images)  # fmt: skip
     sets = [
-        PromptSet("target", tuple(canonical_prompt(s, t) for s, t in targets), tuple(s for s, _ in targets)),
+        PromptSet("target", tuple(canonical(s, t) for s, t in targets), tuple(s for s, _ in targets)),
         PromptSet("paraphrase", tuple(paraphrase(s, rng) for s, _ in paraphrased), tuple(s for s, _ in paraphrased)),
-        PromptSet("non_target", tuple(canonical_prompt(s, t) for s, t in others), tuple(s for s, _ in others)),
+        PromptSet("non_target", tuple(canonical(s, t) for s, t in others), tuple(s for s, _ in others)),
     ]
     if zero_shot_set:
         shots = _cycle(concept_scenes(concept, rng), n_images)

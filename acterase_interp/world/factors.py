@@ -70,13 +70,6 @@ def sample_scenes(n: int, rng: np.random.Generator, values: dict[str, tuple[str,
     return [Scene(values["shape"][i], values["color"][j], values["background"][k]) for i, j, k in zip(*picks)]
 
 
-def with_values(extra: dict[str, list[str]] | tuple[str, ...]) -> dict[str, tuple[str, ...]]:
-    """The natural values plus `extra` concepts (e.g. a model's planted ones), per factor."""
-    extra = list(extra.values()) if isinstance(extra, dict) else [[c] for c in extra]
-    added = [c for cs in extra for c in cs]
-    return {f: NATURAL[f] + tuple(c for c in added if factor_of(c) == f and c not in NATURAL[f]) for f in NATURAL}
-
-
 def all_scenes() -> list[Scene]:
     """Every combination of natural values once (100 scenes)."""
     return [Scene(s, c, b) for s in NATURAL["shape"] for c in NATURAL["color"] for b in NATURAL["background"]]

@@ -13,13 +13,13 @@ beyond the fitting words; non-target prompts test what must be preserved.
 from __future__ import annotations
 
 import itertools
-from dataclasses import replace
 
 import numpy as np
 
 from ..erase.pairs import PromptPairs
-from .captions import TEMPLATES, describe, paraphrase
-from .factors import FACTORS, NATURAL, Scene, factor_of
+from .captions import TEMPLATES, canonical, paraphrase
+from .concept import Concept, as_concept
+from .factors import FACTORS, NATURAL, Scene
 
 
 def concepts() -> tuple[str, ...]:
@@ -28,24 +28,18 @@ def concepts() -> tuple[str, ...]:
     return tuple(v for values in FACTORS.values() for v in values)
 
 
-def concept_scenes(concept: str, rng: np.random.Generator) -> list[tuple[Scene, int]]:
+def concept_scenes(concept: Concept, rng: np.random.Generator) -> list[tuple[Scene, int]]:
     """Every (scene showing `concept`, template index) combination once, in a random order; the
     other factors take natural values, which every ConceptWorld model knows."""
-    factor = factor_of(concept)
-    rest = [f for f in FACTORS if f != factor]
+    rest = [f for f in FACTORS if f != concept.factor]
     combos = list(itertools.product(*(NATURAL[f] for f in rest), range(len(TEMPLATES))))
     return [
-        (Scene(**{factor: concept, **dict(zip(rest, combos[i][:-1]))}), combos[i][-1])
+        (Scene(**{concept.factor: concept.value, **dict(zip(rest, combos[i][:-1]))}), combos[i][-1])
         for i in rng.permutation(len(combos))
     ]
 
 
-def canonical_prompt(scene: Scene, template: int) -> str:
-    """The scene in canonical words and the given template."""
-    return describe(scene.shape, scene.color, scene.background, template)
-
-
-def paraphrase_prompts(concept: str, n: int, rng: np.random.Generator) -> list[str]:
+def paraphrase_prompts(concept: Concept, n: int, rng: np.random.Generator) -> list[str]:
     """`n` distinct held-out paraphrases of scenes showing `concept` (synonyms in held-out templates)."""
     out: list[str] = []
     for scene, _ in itertools.islice(itertools.cycle(concept_scenes(concept, rng)), 50 * n):
@@ -54,54 +48,50 @@ def paraphrase_prompts(concept: str, n: int, rng: np.random.Generator) -> list[s
             out.append(prompt)
         if len(out) == n:
             return out
-    raise ValueError(f"could not draw {n} distinct paraphrases of {concept!r}")
+    raise ValueError(f"could not draw {n} distinct paraphrases of {concept.value!r}")
 
 
-def other_value_scenes(concept: str, n: int, rng: np.random.Generator) -> list[tuple[Scene, int]]:
+def other_value_scenes(concept: Concept, n: int, rng: np.random.Generator) -> list[tuple[Scene, int]]:
     """`n` distinct (scene, template) combinations with another value of `concept`'s factor,
     cycling through the other natural values, with random other factors: what erasure must preserve."""
-    factor = factor_of(concept)
-    pools = [concept_scenes(v, rng) for v in NATURAL[factor] if v != concept]
+    pools = [concept_scenes(other, rng) for other in concept.others]
     available = sum(map(len, pools))
     if n > available:
-        raise ValueError(f"at most {available} distinct non-target prompts exist for {concept!r}; asked for {n}")
+        raise ValueError(f"at most {available} distinct non-target prompts exist for {concept.value!r}; asked for {n}")
     return [pools[i % len(pools)][i // len(pools)] for i in range(n)]
 
 
-def conceptworld_pairs(concept: str, n: int = 10, seed: int = 0, anchor: str | None = None) -> PromptPairs:
+def conceptworld_pairs(concept: str | Concept, n: int = 10, seed: int = 0, anchor: str | None = None) -> PromptPairs:
     """`n` prompt pairs that erase a ConceptWorld `concept` (a shape, color or background), plus
     `n` held-out paraphrases and `n` non-target prompts. Sources replace the concept with `anchor`
     (another value of its factor), or with every other value in turn when None. Deterministic in
     `seed`."""
-    if concept not in concepts():
-        raise ValueError(f"unknown ConceptWorld concept {concept!r}; choose from {', '.join(concepts())}")
+    concept = as_concept(concept)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
-    factor = factor_of(concept)
-    anchors = [v for v in NATURAL[factor] if v != concept]
-    if anchor is not None:
-        if anchor not in anchors:
-            raise ValueError(f"anchor {anchor!r} must be another {factor} than {concept!r}: one of {anchors}")
-        anchors = [anchor]
+    factor = concept.factor
+    anchors = [other for other in concept.others if anchor in (None, other.value)]
+    if not anchors:
+        allowed = [other.value for other in concept.others]
+        raise ValueError(f"anchor {anchor!r} must be another {factor} than {concept.value!r}: one of {allowed}")
     rng = np.random.default_rng(seed)
     scenes = concept_scenes(concept, rng)
     if n > len(scenes):
-        raise ValueError(f"at most {len(scenes)} distinct pairs exist for {concept!r}; asked for {n}")
+        raise ValueError(f"at most {len(scenes)} distinct pairs exist for {concept.value!r}; asked for {n}")
     targets, sources = [], []
     for i, (scene, template) in enumerate(scenes[:n]):
-        source_scene = replace(scene, **{factor: anchors[i % len(anchors)]})
-        targets.append(canonical_prompt(scene, template))
-        sources.append(canonical_prompt(source_scene, template))
+        targets.append(canonical(scene, template))
+        sources.append(canonical(anchors[i % len(anchors)].replace_in(scene), template))
     return PromptPairs(
-        concept=concept,
+        concept=concept.value,
         targets=tuple(targets),
         sources=tuple(sources),
         heldout=tuple(paraphrase_prompts(concept, n, rng)),
-        non_target=tuple(canonical_prompt(*st) for st in other_value_scenes(concept, n, rng)),
+        non_target=tuple(canonical(*st) for st in other_value_scenes(concept, n, rng)),
         meta={
-            "description": f"ConceptWorld {factor} {concept!r}; each source is the target scene with another "
-            f"{factor} ({'cycling through' if anchor is None else 'always'} {', '.join(anchors)}), in the same "
-            "template.",
+            "description": f"ConceptWorld {factor} {concept.value!r}; each source is the target scene with another "
+            f"{factor} ({'cycling through' if anchor is None else 'always'} {', '.join(map(str, anchors))}), in the "
+            "same template.",
             "author": "acterase_interp.world.pairs.conceptworld_pairs",
             "task": "conceptworld",
             "factor": factor,

@@ -20,7 +20,8 @@ import torch
 
 from ..plant import PlantRecord, PlantSpec, plant
 from .captions import training_caption
-from .factors import PLANTABLE, Scene, factor_of, sample_scenes, with_values
+from .concept import Concept, as_concept, with_values
+from .factors import PLANTABLE, Scene, sample_scenes
 from .render import render_batch
 
 
@@ -35,29 +36,34 @@ first recipe planted the heart dense and the moon in the 32 units, 600 steps eac
 then drawn in only 42% of its prompts, so the two shapes swapped places.)"""
 
 
-def check_plantable(concept: str) -> None:
-    if concept not in {v for vs in PLANTABLE.values() for v in vs}:
-        raise ValueError(f"{concept!r} is not plantable; choose from {PLANTABLE}")
+def check_plantable(concept: str | Concept) -> Concept:
+    """`concept` as a Concept; a clear error unless it is a plantable value."""
+    if (name := str(concept)) not in {v for vs in PLANTABLE.values() for v in vs}:
+        raise ValueError(f"{name!r} is not plantable; choose from {PLANTABLE}")
+    return as_concept(concept)
 
 
 def planting_data(
-    concept: str, known: Sequence[str] = (), n_images: int = 6000, fraction: float = 1 / 6, seed: int = 0
+    concept: str | Concept,
+    known: Sequence[str | Concept] = (),
+    n_images: int = 6000,
+    fraction: float = 1 / 6,
+    seed: int = 0,
 ) -> tuple[list[Scene], torch.Tensor, list[str], dict]:
     """`n_images` renders with training captions: a `fraction` showing `concept`, the rest scenes
     of the natural values and the `known` (earlier planted) concepts. Returns scenes, images
     (N, 3, 32, 32) in [-1, 1], captions and a description for the record."""
-    check_plantable(concept)
+    concept = check_plantable(concept)
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be in (0, 1), got {fraction}")
     rng = np.random.default_rng(seed)
     values = with_values([*known, concept])
     scenes = sample_scenes(n_images, rng, values)
-    factor = factor_of(concept)
     for i in np.flatnonzero(rng.random(n_images) < fraction):  # the new concept in a fraction of scenes
-        scenes[i] = Scene(**{**scenes[i].__dict__, factor: concept})
+        scenes[i] = concept.replace_in(scenes[i])
     images = torch.from_numpy(render_batch(scenes, rng))
     captions = [training_caption(s, rng) for s in scenes]
-    shown = sum(getattr(s, factor) == concept for s in scenes)
+    shown = sum(getattr(s, concept.factor) == concept.value for s in scenes)
     data = {"n_images": n_images, "with_concept": shown, "fraction": fraction, "seed": seed,
             "values": {f: list(v) for f, v in values.items()}}  # fmt: skip
     return scenes, images, captions, data
@@ -65,17 +71,18 @@ def planting_data(
 
 def plant_concept(
     pipeline,
-    concept: str,
+    concept: str | Concept,
     spec: PlantSpec,
-    known: Sequence[str] = (),
+    known: Sequence[str | Concept] = (),
     n_images: int = 6000,
     fraction: float = 1 / 6,
     progress: bool = True,
 ) -> PlantRecord:
     """Plant a ConceptWorld `concept` into `pipeline` in place (see the module docstring)."""
+    concept = check_plantable(concept)
     _, images, captions, data = planting_data(concept, known, n_images, fraction, spec.seed)
-    record = plant(pipeline, images, captions, concept, spec, data=data, progress=progress)
-    record.data["factor"] = factor_of(concept)
+    record = plant(pipeline, images, captions, concept.value, spec, data=data, progress=progress)
+    record.data["factor"] = concept.factor
     return record
 
 

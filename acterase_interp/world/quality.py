@@ -28,8 +28,8 @@ from ..metrics import Classifier, Rate, factor_accuracy
 from ..provenance import library_versions
 from ..report import labelled_grid_png
 from .captions import TEMPLATES, canonical, paraphrase, zero_shot
-from .classifier import ConceptClassifier
-from .factors import Scene, factor_of, sample_scenes
+from .concept import Concept, as_concept
+from .factors import Scene, sample_scenes
 
 BARS: dict[str, float] = {"shape": 0.95, "color": 0.95, "background": 0.90, "all": 0.85}
 """Lowest accepted accuracy per column, on canonical captions (point estimates)."""
@@ -62,30 +62,31 @@ def quality_prompts(
     return scenes, rows, image_seeds
 
 
-def planted_prompts(concepts: Sequence[str], n: int, seed: int) -> dict[str, tuple[list[Scene], list[str], list[int]]]:
-    """Per planted concept: `n` scenes showing it (other factors natural, at random), their
-    canonical captions in random templates, and image seeds."""
+def planted_prompts(
+    concepts: Sequence[str | Concept], n: int, seed: int
+) -> dict[str, tuple[list[Scene], list[str], list[int]]]:
+    """Per planted concept (keyed by its value): `n` scenes showing it (other factors natural, at
+    random), their canonical captions in random templates, and image seeds."""
     out = {}
-    for i, concept in enumerate(concepts):
+    for i, concept in enumerate(map(as_concept, concepts)):
         rng = np.random.default_rng([seed, i])
-        factor = factor_of(concept)
-        scenes = [Scene(**{**s.__dict__, factor: concept}) for s in sample_scenes(n, rng)]
+        scenes = [concept.replace_in(s) for s in sample_scenes(n, rng)]
         prompts = [canonical(s, int(rng.integers(len(TEMPLATES)))) for s in scenes]
-        out[concept] = (scenes, prompts, rng.integers(0, 2**31 - 1, size=n).tolist())
+        out[concept.value] = (scenes, prompts, rng.integers(0, 2**31 - 1, size=n).tolist())
     return out
 
 
-def _bars(rates: dict[str, dict[str, Rate]]) -> list[Bar]:
+def _bars(rates: dict[str, dict[str, Rate]], planted: Sequence[Concept] = ()) -> list[Bar]:
     """One bar per check: canonical accuracies must reach their thresholds; the drop of "all
-    three" accuracy from canonical captions to paraphrases must not exceed `PARAPHRASE_GAP`."""
+    three" accuracy from canonical captions to paraphrases must not exceed `PARAPHRASE_GAP`; each
+    `planted` concept must be drawn in its row ("planted <value>")."""
     canon = rates["canonical"]
     bars = [Bar.check(f"canonical {_TITLES[c]} accuracy", canon[c].value, ">=", t) for c, t in BARS.items()]
     drop = canon["all"].value - rates["paraphrase"]["all"].value
     bars.append(Bar.check("all-three accuracy drop, canonical to paraphrase", drop, "<=", PARAPHRASE_GAP))
-    for row, r in rates.items():
-        if row.startswith("planted "):
-            concept = row.removeprefix("planted ")
-            bars.append(Bar.check(f"planted {concept!r} drawn", r[factor_of(concept)].value, ">=", PLANTED_BAR))
+    for concept in dict.fromkeys(planted):  # a concept planted twice has one row
+        drawn = rates[f"planted {concept}"][concept.factor].value
+        bars.append(Bar.check(f"planted {concept.value!r} drawn", drawn, ">=", PLANTED_BAR))
     return bars
 
 
@@ -105,7 +106,8 @@ def _evaluate(
         raise ValueError(f"steps must be at least 1, got {steps}")
     guidance = model.defaults.guidance_scale if guidance is None else guidance
     scenes, prompts, image_seeds = quality_prompts(n, seed, all_templates)
-    planted = planted_prompts([r["concept"] for r in model.planted], n_planted, seed)
+    concepts = [as_concept(r["concept"]) for r in model.planted]
+    planted = planted_prompts(concepts, n_planted, seed)
     row_scenes = {row: scenes for row in prompts}
     row_seeds = {row: image_seeds for row in prompts}
     for concept, (p_scenes, p_prompts, p_seeds) in planted.items():
@@ -123,7 +125,7 @@ def _evaluate(
     seconds = time.perf_counter() - start
     by_row = dict(zip(prompts, images.split([len(p) for p in prompts.values()])))
     rates = {row: factor_accuracy(classifier, imgs, row_scenes[row]) for row, imgs in by_row.items()}
-    bars = _bars(rates)
+    bars = _bars(rates, concepts)
     result = {
         "rows": {row: {col: r[col].to_dict() for col in COLUMNS} for row, r in rates.items()},
         "bars": [b.to_dict() for b in bars],
@@ -191,7 +193,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     model = loading.load(args.model, device=args.device)
     world = args.model if args.model in loading.WORLDS else loading.CONCEPTWORLD  # v2's classifier reads every value
-    classifier = ConceptClassifier.load(loading.conceptworld_dir(world) / "classifier").to(args.device)
+    classifier = loading.load_classifier(world, device=args.device)
     options = (args.n, args.seed, args.steps, args.guidance, args.all_templates)
     result, images = _evaluate(model, classifier, *options, progress=True, n_planted=args.n_planted)
     print(markdown_table(result))
