@@ -9,7 +9,8 @@
 Bad input (an unknown concept, site or option, a missing file, an artifact whose files differ from
 the sha256 its manifest recorded) prints one line and exits with 2; `acterase demo --strict` exits
 with 1 when an erasure bar fails; a run stopped by a dead worker process exits with 3 (run it again
-to resume). `--no-verify` loads artifacts without checking their recorded hashes.
+to resume). `--no-verify` loads artifacts without checking their recorded hashes. An option that
+several verbs take (--model, --steps, --n-pairs, --seeds, --out, ...) parses the same in each (`SHARED`).
 """
 
 from __future__ import annotations
@@ -48,20 +49,6 @@ _OPTION_FLAGS = (
 )  # fmt: skip
 
 
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="conceptworld",
-                   help="'conceptworld', a local diffusers pipeline folder, or a hub id (default: conceptworld)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the model's)")  # fmt: skip
-    _add_no_verify(p)
-
-
-def _add_no_verify(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-verify", action="store_true", help="load erasers, evaluation cells and planted models without "
-                   "checking the sha256 their manifests recorded (for files changed on purpose)")  # fmt: skip
-
-
 def _tau(text: str) -> float | str:
     if text == "auto":
         return text
@@ -71,90 +58,134 @@ def _tau(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"tau must be a number or 'auto', got {text!r}") from None
 
 
+SHARED: dict[str, dict[str, Any]] = {
+    "--model": {"default": "conceptworld",
+                "help": "'conceptworld', a local diffusers pipeline folder, or a hub id (default: conceptworld)"},
+    "--device": {"default": "cpu", "help": "torch device (default: cpu)"},
+    "--steps": {"type": int, "help": "denoising steps (default: the model's)"},
+    "--guidance": {"type": float, "help": "classifier-free guidance scale (default: the model's)"},
+    "--n-pairs": {"type": int, "help": "prompt pairs to fit on"},
+    "--n-images": {"type": int, "help": "images per group"},
+    "--seed": {"type": int, "default": 0, "help": "random seed (default: 0)"},
+    "--seeds": {"type": int, "nargs": "+", "help": "seeds"},
+    "--concept": {"help": "a ConceptWorld shape, color or background"},
+    "--tau": {"type": _tau, "help": "importance threshold: a number, or 'auto'"},
+    "--blocks": {"nargs": "+", "help": "transformer blocks, by name or prefix (down mid up.1)"},
+    "--out": {"help": "where to write the results"},
+    "--no-verify": {"action": "store_true", "help": "load erasers, evaluation cells and planted models without "
+                    "checking the sha256 their manifests recorded (for files changed on purpose)"},
+}  # fmt: skip
+"""The one definition (type, meaning, default) of each option that several verbs take; a verb may
+set its own default, make it required or say more in its help, never change what it parses."""
+
+
+def _shared(p: argparse.ArgumentParser, flag: str, *aliases: str, **overrides: Any) -> None:
+    """Add the shared option `flag` (also spelled `aliases`) to a verb, with the verb's overrides."""
+    p.add_argument(flag, *aliases, **{**SHARED[flag], **overrides})
+
+
+def _add_model(p: argparse.ArgumentParser) -> None:
+    for flag in ("--model", "--device", "--steps", "--guidance", "--no-verify"):
+        _shared(p, flag)
+
+
 def _add_erase_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tau", type=_tau, help="importance threshold (fit default: 0.01; demo default: auto, the "
-                   "smallest tau that erases the concept from the fit pairs' own targets)")
+    _shared(p, "--tau", help="importance threshold (fit default: 0.01; demo default: auto, the smallest tau "
+            "that erases the concept from the fit pairs' own targets)")  # fmt: skip
     p.add_argument("--tau-mode", choices=TAU_MODES)
     p.add_argument("--site-kind", choices=SITE_KINDS, help="where to patch (default: ffn_hidden)")
     p.add_argument("--granularity", choices=GRANULARITIES)
     p.add_argument("--time-mask", choices=TIME_MASKS)
     p.add_argument("--cfg-rows", choices=CFG_ROWS)
-    p.add_argument("--blocks", nargs="+", help="transformer blocks to patch, by name or prefix (down mid up.1)")
+    _shared(p, "--blocks", help="transformer blocks to patch, by name or prefix (down mid up.1)")
     p.add_argument("--pair-combine", choices=PAIR_COMBINES)
     p.add_argument("--value-mode", choices=VALUE_MODES)
-    p.add_argument("--seed", type=int, default=0, help="seed of the first pair's noise (default: 0)")
+    _shared(p, "--seed", help="seed of the first pair's noise (default: 0)")
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acterase", description="Training-free concept erasure (ActErase).")
     sub = parser.add_subparsers(dest="command", required=True)
+    _fit_parser(sub.add_parser("fit", help="fit an eraser from prompt pairs and save it"))
+    _generate_parser(sub.add_parser("generate", help="generate a grid of images, optionally with an eraser"))
+    _demo_parser(sub.add_parser("demo", help="erase a ConceptWorld concept and report how well it worked"))
+    _evaluate_parser(sub.add_parser("evaluate", help="ActErase beside the baselines on ConceptWorld, with attacks: "
+                                    "JSON + markdown"))  # fmt: skip
+    _plant_parser(sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only"))
+    return parser
 
-    fit = sub.add_parser("fit", help="fit an eraser from prompt pairs and save it")
+
+def _fit_parser(fit: argparse.ArgumentParser) -> None:
     _add_model(fit)
     fit.add_argument("--pairs", required=True, help="a name in data/prompts (e.g. nudity) or a JSON file")
-    fit.add_argument("--max-pairs", type=int, help="use only the first N pairs")
+    _shared(fit, "--n-pairs", "--max-pairs", help="fit on the first N pairs only (default: all)")
     _add_erase_options(fit)
-    fit.add_argument("--out", required=True, help="folder to write the eraser to")
+    _shared(fit, "--out", required=True, help="folder to write the eraser to")
 
-    gen = sub.add_parser("generate", help="generate a grid of images, optionally with an eraser")
+
+def _generate_parser(gen: argparse.ArgumentParser) -> None:
     _add_model(gen)
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")
-    gen.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds, one grid column each (default: 0)")
+    _shared(gen, "--seeds", default=[0], help="seeds, one grid column each (default: 0)")
     gen.add_argument("--eraser", help="an eraser folder written by `acterase fit`")
     gen.add_argument("--compare", action="store_true", help="with --eraser: also show the images without it")
-    gen.add_argument("--out", required=True, help="PNG file to write")
+    _shared(gen, "--out", required=True, help="PNG file to write")
 
-    demo = sub.add_parser("demo", help="erase a ConceptWorld concept and report how well it worked")
-    demo.add_argument("--concept", help="a ConceptWorld shape, color or background "
-                      "(default: heart, planted in 32 FFN units of two blocks)")
+
+def _demo_parser(demo: argparse.ArgumentParser) -> None:
+    _shared(demo, "--concept", help="a ConceptWorld shape, color or background "
+            "(default: heart, planted in 32 FFN units of two blocks)")  # fmt: skip
     demo.add_argument("--beside", help="a natural concept reported beside it under the same recipe and the FFN "
                       "and cross-attention ceilings (default: triangle; none: skip)")
-    demo.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    demo.add_argument("--n-pairs", type=int, default=10, help="prompt pairs to fit on (default: 10)")
+    _shared(demo, "--out", default="runs/demo", help="output folder (default: runs/demo)")
+    _shared(demo, "--n-pairs", default=10, help="prompt pairs to fit on (default: 10)")
     demo.add_argument("--anchor", help="one value of the concept's factor that every source prompt uses instead "
                       "(default: cycle through the others)")
-    demo.add_argument("--n-images", type=int, default=32, help="images per evaluation group (default: 32)")
-    demo.add_argument("--model", default="conceptworld", help="'conceptworld' or a pipeline folder trained by "
-                      "acterase_interp.world.train (default: conceptworld)")
-    demo.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    _shared(demo, "--n-images", default=32, help="images per evaluation group (default: 32)")
+    _shared(demo, "--model", help="'conceptworld' or a pipeline folder trained by acterase_interp.world.train "
+            "(default: conceptworld)")  # fmt: skip
+    _shared(demo, "--steps")
     demo.add_argument("--all-units", action="store_true",
                       help="patch every unit of the chosen sites: the ceiling of any --tau")
     demo.add_argument("--strict", action="store_true", help="exit with 1 when a bar fails")
     _add_erase_options(demo)
 
-    ev = sub.add_parser("evaluate", help="ActErase beside the baselines on ConceptWorld, with attacks: JSON + markdown")
-    ev.add_argument("--model", default="conceptworld", help="'conceptworld' or a ConceptWorld pipeline folder")
+
+def _evaluate_parser(ev: argparse.ArgumentParser) -> None:
+    _shared(ev, "--model", help="'conceptworld' or a ConceptWorld pipeline folder")
     ev.add_argument("--concepts", nargs="+", default=list(TableSpec.concepts), help="default: triangle red dots")
     ev.add_argument("--methods", nargs="+", default=list(TableSpec.methods), choices=list(METHODS))
-    ev.add_argument("--seeds", type=int, nargs="+", default=list(TableSpec.seeds), help="default: 0 1 2")
-    ev.add_argument("--out", default="runs/evaluation", help="folder for results.json, table.md and cells/ (finished cells, "
-                    "read back when the same command runs again)")
-    ev.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    ev.add_argument("--tau", type=_tau, default="auto", help="ActErase's tau (default: auto)")
-    for name in ("n_pairs", "n_images", "search_prompts", "search_tokens", "search_iterations", "search_candidates",
-                 "inversion_steps", "inversion_batch", "inversion_eval", "esd_steps"):
+    _shared(ev, "--seeds", default=list(TableSpec.seeds), help="default: 0 1 2")
+    _shared(ev, "--out", default="runs/evaluation", help="folder for results.json, table.md and cells/ (finished "
+            "cells, read back when the same command runs again)")  # fmt: skip
+    _shared(ev, "--steps")
+    _shared(ev, "--tau", default="auto", help="ActErase's tau (default: auto)")
+    _shared(ev, "--n-pairs", default=TableSpec.n_pairs, help=f"default: {TableSpec.n_pairs}")
+    _shared(ev, "--n-images", default=TableSpec.n_images, help=f"default: {TableSpec.n_images}")
+    for name in ("search_prompts", "search_tokens", "search_iterations", "search_candidates",
+                 "inversion_steps", "inversion_batch", "inversion_eval", "esd_steps"):  # fmt: skip
         ev.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(TableSpec, name),
                         help=f"default: {getattr(TableSpec, name)}")
     ev.add_argument("--prune-top-fraction", type=float, default=TableSpec.prune_top_fraction)
     ev.add_argument("--workers", type=int, default=0,
                     help="run (concept, seed) cells on this many one-thread worker processes (default: 0, here)")
-    _add_no_verify(ev)
+    _shared(ev, "--no-verify")
 
-    plant = sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only")
-    plant.add_argument("--model", required=True, help="a ConceptWorld pipeline folder (or conceptworld)")
-    plant.add_argument("--out", required=True, help="folder to write the planted pipeline to")
-    plant.add_argument("--concept", help=f"a plantable value: {', '.join(v for vs in PLANTABLE.values() for v in vs)}")
+
+def _plant_parser(plant: argparse.ArgumentParser) -> None:
+    _shared(plant, "--model", required=True, help="a ConceptWorld pipeline folder (or conceptworld)")
+    _shared(plant, "--out", required=True, help="folder to write the planted pipeline to")
+    _shared(plant, "--concept", help=f"a plantable value: {', '.join(v for vs in PLANTABLE.values() for v in vs)}")
     plant.add_argument("--shipped", action="store_true", help="plant the default model's three concepts instead")
     plant.add_argument("--family", choices=PLANT_FAMILIES, default="ffn", help="which weights train (default: ffn)")
-    plant.add_argument("--blocks", nargs="+", help="transformer blocks (default: all)")
+    _shared(plant, "--blocks", help="transformer blocks (default: all)")
     plant.add_argument("--units", type=int, help="ffn_units: hidden units per block")
-    plant.add_argument("--steps", type=int, default=600)
+    plant.add_argument("--steps", type=int, default=600, help="training steps (default: 600), not denoising steps")
     plant.add_argument("--lr", type=float, default=5e-4)
     plant.add_argument("--batch", type=int, default=64)
-    plant.add_argument("--n-images", type=int, default=6000, help="training images (default: 6000, 1/6 of them new)")
-    plant.add_argument("--seed", type=int, default=0)
-    _add_no_verify(plant)
-    return parser
+    _shared(plant, "--n-images", default=6000, help="training images (default: 6000, 1/6 of them new)")
+    _shared(plant, "--seed")
+    _shared(plant, "--no-verify")
 
 
 def _given_options(args: argparse.Namespace) -> dict:
@@ -172,10 +203,10 @@ def _options(args: argparse.Namespace) -> EraseOptions:
 def _fit(args: argparse.Namespace) -> None:
     options = _options(args)  # bad input fails before the model loads
     pairs = PromptPairs.load(args.pairs)
-    if args.max_pairs is not None:
-        if args.max_pairs < 1:
-            raise ValueError(f"--max-pairs must be at least 1, got {args.max_pairs}")
-        pairs = replace(pairs, targets=pairs.targets[: args.max_pairs], sources=pairs.sources[: args.max_pairs])
+    if args.n_pairs is not None:
+        if args.n_pairs < 1:
+            raise ValueError(f"--n-pairs must be at least 1, got {args.n_pairs}")
+        pairs = replace(pairs, targets=pairs.targets[: args.n_pairs], sources=pairs.sources[: args.n_pairs])
     model = load(args.model, device=args.device, verify=not args.no_verify)
     start = time.perf_counter()
     fitter = EraserFitter(model, options)
@@ -232,8 +263,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluation.table import command_line, markdown, run_table
     from .executor import Spec, one_thread_processes
     from .io import atomic_write_json, atomic_write_text
-    from .loading import CONCEPTWORLD, conceptworld_dir
-    from .world.classifier import ConceptClassifier
+    from .loading import CONCEPTWORLD, load_classifier
 
     names = ("n_pairs", "n_images", "search_prompts", "search_tokens", "search_iterations", "search_candidates",
              "inversion_steps", "inversion_batch", "inversion_eval", "esd_steps", "prune_top_fraction")
@@ -242,7 +272,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.workers < 0:
         raise ValueError(f"--workers must be 0 or more, got {args.workers}")
     model = Spec.of(load, args.model, **({"verify": False} if args.no_verify else {}))
-    classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    classifier = Spec.of(load_classifier, CONCEPTWORLD)
     out = Path(args.out)
     checkpoints = out / "cells"  # each finished (concept, seed) lands here: a stopped run resumes
     verify = not args.no_verify

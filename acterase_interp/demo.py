@@ -43,13 +43,14 @@ from .evaluation.core import TAU_SELECTION_OFFSET, Bar, PromptSet, format_bars, 
 from .evaluation.prompts import conceptworld_prompt_sets
 from .generation import generate
 from .io import atomic_write_json
-from .loading import CONCEPTWORLD, architecture_hash, conceptworld_dir, load
+from .loading import CONCEPTWORLD, architecture_hash, load, load_classifier
 from .metrics import concept_rate_from_predictions, factor_accuracy_from_predictions, image_distance
 from .provenance import library_versions
 from .report import html_report, image_grid, labelled_grid_png
 from .world.classifier import ConceptClassifier
-from .world.factors import FACTORS, factor_of
-from .world.pairs import concepts, conceptworld_pairs
+from .world.concept import Concept, as_concept
+from .world.factors import FACTORS
+from .world.pairs import conceptworld_pairs
 
 DEFAULT_CONCEPT = "heart"
 """Planted in 32 hidden units of two FFNs: the case ActErase's premise describes (a concept computed
@@ -65,7 +66,9 @@ PRESERVATION_MIN = 0.90
 _GRID_TILES = 16  # images per group shown in the report
 
 
-def evaluation_groups(concept: str, n_images: int, rng: np.random.Generator, exclude: Sequence[str]) -> list[PromptSet]:
+def evaluation_groups(
+    concept: str | Concept, n_images: int, rng: np.random.Generator, exclude: Sequence[str]
+) -> list[PromptSet]:
     """`n_images` fresh prompts per group (see the module docstring): `conceptworld_prompt_sets`
     without the zero-shot set; prompts in `exclude` (the fitting prompts) are skipped."""
     return conceptworld_prompt_sets(concept, n_images, rng, exclude)
@@ -204,7 +207,7 @@ def _write_report(out: Path, results: dict, groups: list[PromptSet], images: dic
     return html_report(out / "report.html", f"ActErase demo: {results['concept']}", sections)
 
 
-def measure(concept: str, groups: list[PromptSet], images: dict, preds: dict) -> dict:
+def measure(concept: str | Concept, groups: list[PromptSet], images: dict, preds: dict) -> dict:
     """Concept rates of the target and paraphrase groups, per-factor accuracy on the non-target
     group (with after/before ratios) and the same-seed distance of the non-target images;
     `images` and `preds` map group -> "before"/"after" -> images / classifier predictions."""
@@ -239,7 +242,7 @@ class _Evaluation:
         return [p for g in self.groups for p in g.prompts]
 
 
-def _evaluation(model, concept: str, pairs, n_images: int, seed: int, steps: int, guidance: float,
+def _evaluation(model, concept: Concept, pairs, n_images: int, seed: int, steps: int, guidance: float,
                 progress: bool) -> _Evaluation:  # fmt: skip
     groups = evaluation_groups(concept, n_images, np.random.default_rng(seed + 1), pairs.targets + pairs.sources)
     prompts = [p for g in groups for p in g.prompts]
@@ -265,7 +268,7 @@ def _erased(model, ev: _Evaluation, eraser, classifier, steps: int, guidance: fl
     return images, preds, seeds, after_s
 
 
-def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: float | str, classifier,
+def _fit(model, concept: Concept, n_pairs: int, seed: int, anchor: str | None, tau: float | str, classifier,
          progress: bool, **options: Any):  # fmt: skip
     """(pairs, eraser, fit seconds, tau choice or None, fit statistics) for `concept`; tau "auto" is
     `choose_tau` on the fit pairs."""
@@ -277,13 +280,13 @@ def _fit(model, concept: str, n_pairs: int, seed: int, anchor: str | None, tau: 
     choice = None
     if auto:
         start = time.perf_counter()
-        choice = choose_tau(model, fitter.statistics, pairs, lambda x: classifier.shows(x, concept), seed=seed,
+        choice = choose_tau(model, fitter.statistics, pairs, lambda x: classifier.shows(x, concept.value), seed=seed,
                             num_inference_steps=opts.num_inference_steps)  # fmt: skip
         eraser, fit_s = choice.eraser, fit_s + time.perf_counter() - start
     return pairs, eraser, fit_s, choice, fitter.statistics
 
 
-def _beside(model, concept: str, classifier, n_pairs: int, n_images: int, seed: int, steps: int, guidance: float,
+def _beside(model, concept: Concept, classifier, n_pairs: int, n_images: int, seed: int, steps: int, guidance: float,
             tau: float | str, progress: bool, options: dict) -> dict:  # fmt: skip
     """A natural concept under the same recipe, under every FFN unit replaced, and under every
     cross-attention output replaced: what the FFN default does there, and where it lives instead."""
@@ -301,7 +304,7 @@ def _beside(model, concept: str, classifier, n_pairs: int, n_images: int, seed: 
     for name, e in variants.items():
         images, preds, _, _ = _erased(model, ev, e, classifier, steps, guidance, progress)
         rows[name] = measure(concept, ev.groups, images, preds)
-    return {"concept": concept, "factor": factor_of(concept), "tau_choice": choice and choice.to_dict(),
+    return {"concept": concept.value, "factor": concept.factor, "tau_choice": choice and choice.to_dict(),
             "variants": rows, "prompts": {g.name: list(g.prompts) for g in ev.groups}}  # fmt: skip
 
 
@@ -310,7 +313,7 @@ def eraser_options(eraser) -> EraseOptions:
 
 
 def run_demo(
-    concept: str = DEFAULT_CONCEPT,
+    concept: str | Concept = DEFAULT_CONCEPT,
     out_dir: str | Path = "runs/demo",
     n_pairs: int = 10,
     anchor: str | None = None,
@@ -322,7 +325,7 @@ def run_demo(
     classifier: ConceptClassifier | None = None,
     progress: bool = True,
     tau: float | str = AUTO,
-    beside: str | None = DEFAULT_BESIDE,
+    beside: str | Concept | None = DEFAULT_BESIDE,
     **options: Any,
 ) -> dict:
     """Erase a ConceptWorld `concept` (default: the heart planted in 32 FFN units of two blocks) and
@@ -337,9 +340,7 @@ def run_demo(
     (`Eraser.saturated`: the ceiling of any tau). `beside` names a natural concept reported under
     the same recipe and the two ceilings (`results["beside"]`; None or the concept itself skips it).
     `n_images` is per group."""
-    for c in (concept, beside):
-        if c is not None and c not in concepts():
-            raise ValueError(f"unknown ConceptWorld concept {c!r}; choose from {', '.join(concepts())}")
+    concept, beside = (None if c is None else as_concept(c) for c in (concept, beside))  # before the model loads
     if n_images < 1 or n_pairs < 1:
         raise ValueError(f"n_images and n_pairs must be at least 1, got {n_images} and {n_pairs}")
     if tau != AUTO:
@@ -348,7 +349,8 @@ def run_demo(
     out = Path(out_dir)
     name = model if isinstance(model, str) else "given"
     model = load(model) if isinstance(model, str) else model
-    classifier = classifier if classifier is not None else ConceptClassifier.load(conceptworld_dir() / "classifier")
+    concept = as_concept(concept, model.planted)
+    classifier = classifier if classifier is not None else load_classifier()
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
     options = {**options, "num_inference_steps": steps, "guidance_scale": guidance}
@@ -360,9 +362,9 @@ def run_demo(
     images, preds, seeds_by_group, gen_after_s = _erased(model, ev, eraser, classifier, steps, guidance, progress)
     prompts = ev.prompts
     results = {
-        "concept": concept,
-        "factor": factor_of(concept),
-        "planted": next((r for r in model.planted if r["concept"] == concept), None),
+        "concept": concept.value,
+        "factor": concept.factor,
+        "planted": concept.planted,
         **measure(concept, ev.groups, images, preds),
         "timing": {
             "fit_s": fit_s,

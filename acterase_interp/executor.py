@@ -9,7 +9,7 @@ travels as a `Spec`, a recipe that every worker process builds once and keeps:
     from distributed import Client, LocalCluster
     from acterase_interp.executor import Spec
     client = Client(LocalCluster(n_workers=2, threads_per_worker=1))
-    evaluator = Evaluator.from_pairs(Spec.of(load, "conceptworld"), Spec.of(ConceptClassifier.load, path), pairs)
+    evaluator = Evaluator.from_pairs(Spec.of(load, "conceptworld"), Spec.of(load_classifier, "conceptworld"), pairs)
     rows = tau_sweep(statistics, evaluator, taus, executor=client)
 
 Worker processes, not threads: patches are hooks on the one model a process holds, so two

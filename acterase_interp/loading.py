@@ -1,5 +1,6 @@
 """One entry point for models: ConceptWorld (bundled), any SD 1.x/2.x or SDXL diffusers pipeline,
-or a pipeline object, returned wrapped for nnsight tracing with the raw pipeline at `.pipeline`."""
+or a pipeline object, returned wrapped for nnsight tracing with the raw pipeline at `.pipeline`;
+and one for the concept classifiers that read ConceptWorld's images (`load_classifier`)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from nnsight.modeling.diffusion import _PipelineModule
 
 from .integrity import SHA256, ArtifactError, file_hashes, read_object, verify_files
 from .io import atomic_write_json
+from .world.classifier import ConceptClassifier
 from .world.text_encoder import FROZEN_ENCODER_FILE, load_minilm
 
 pipeline_logger = logging.getLogger("diffusers.pipelines.pipeline_utils")
@@ -34,6 +36,13 @@ CONCEPTWORLD = "conceptworld"
 WORLDS: dict[str, str] = {CONCEPTWORLD: "conceptworld", "conceptworld-v1": "conceptworld-v1"}
 """Bundled model name -> its folder under the data folder. v2 (the default) conditions on a frozen
 pretrained encoder and holds planted concepts; v1 trained its small text encoder jointly."""
+BENCH = "conceptworld-bench"
+"""The ground-truth benchmark's data folder; its classifier also reads the benchmark's new values."""
+CLASSIFIERS: dict[str, tuple[str, str]] = {
+    **{name: (folder, "python -m acterase_interp.world.train") for name, folder in WORLDS.items()},
+    BENCH: (BENCH, "python -m acterase_interp.bench.classifier"),
+}
+"""Classifier name -> (its data folder, holding `classifier/`; the command that trains it)."""
 DEFAULTS_FILE = "acterase.json"  # generation defaults shipped beside a pipeline
 PLANTED_FILE = "planted.json"  # the ground truth of planted concepts, beside a pipeline
 CONFIG_KEY = "_acterase"
@@ -79,6 +88,27 @@ def conceptworld_dir(name: str = CONCEPTWORLD) -> Path:
     if name not in WORLDS:
         raise ValueError(f"unknown bundled model {name!r}; choose from {sorted(WORLDS)}")
     return data_path(WORLDS[name])
+
+
+def load_classifier(
+    name_or_path: str | os.PathLike = CONCEPTWORLD, *, device: str | torch.device = "cpu"
+) -> ConceptClassifier:
+    """The concept classifier that reads ConceptWorld images, in eval mode: "conceptworld" (v2's,
+    which reads every value, planted ones too), "conceptworld-v1", "conceptworld-bench" (the
+    benchmark's, which also reads its new values), or a classifier folder."""
+    source = str(name_or_path)
+    if source in CLASSIFIERS:
+        folder, command = CLASSIFIERS[source]
+        directory = data_path(folder, "classifier")
+        try:
+            return ConceptClassifier.load(directory).to(device)
+        except FileNotFoundError as err:  # name the command that trains this one
+            raise FileNotFoundError(f"no {source} classifier in {directory}; train it with `{command}`") from err
+    if Path(source).expanduser().is_dir():
+        return ConceptClassifier.load(Path(source).expanduser()).to(device)
+    if source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        raise FileNotFoundError(f"no classifier folder at {source}")
+    raise ValueError(f"unknown classifier {source!r}: give one of {sorted(CLASSIFIERS)} or a classifier folder")
 
 
 @dataclass(frozen=True)

@@ -162,3 +162,50 @@ def test_plant_command_plants_and_saves(conceptworld, tmp_path):
     assert [r["concept"] for r in records] == [r["concept"] for r in conceptworld.planted] + ["heart"]
     assert records[-1]["blocks"] == ["mid.0"] and records[-1]["frozen_identical"]
     assert (out / "text_encoder.json").exists() and not (out / "text_encoder").exists()
+
+
+VERB_OPTIONS = {
+    "fit": ["--model", "--device", "--steps", "--guidance", "--no-verify", "--n-pairs", "--seed", "--tau", "--blocks",
+            "--out"],
+    "generate": ["--model", "--device", "--steps", "--guidance", "--no-verify", "--seeds", "--out"],
+    "demo": ["--model", "--steps", "--n-pairs", "--n-images", "--seed", "--tau", "--blocks", "--concept", "--out"],
+    "evaluate": ["--model", "--steps", "--n-pairs", "--n-images", "--seeds", "--tau", "--no-verify", "--out"],
+    "plant": ["--model", "--n-images", "--seed", "--blocks", "--concept", "--no-verify", "--out"],
+}  # fmt: skip
+"""The shared options each verb takes (plant's --steps counts training steps: an option of its own)."""
+
+
+@pytest.mark.parametrize("verb", list(VERB_OPTIONS))
+def test_each_verb_lists_its_shared_options_in_its_help(verb, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([verb, "--help"])
+    assert exit_info.value.code == 0
+    shown = capsys.readouterr().out
+    assert [flag for flag in VERB_OPTIONS[verb] if flag not in shown] == []
+
+
+def test_shared_options_parse_alike_in_every_verb():
+    """One definition: a shared option has the same type, arity and action wherever it appears."""
+    from acterase_interp.cli import SHARED, _parser
+
+    verbs = next(a for a in _parser()._actions if a.dest == "command").choices
+    for verb, flags in VERB_OPTIONS.items():
+        actions = {f: a for a in verbs[verb]._actions for f in a.option_strings}
+        for flag in flags:
+            action, spec = actions[flag], SHARED[flag]
+            arity = spec.get("nargs", 0 if spec.get("action") == "store_true" else None)
+            assert (action.type, action.nargs) == (spec.get("type"), arity), (verb, flag)
+
+
+def test_fit_takes_n_pairs_and_keeps_max_pairs_as_its_other_name(tmp_path):
+    conceptworld_pairs("triangle", n=4).save(tmp_path / "pairs.json")
+    base = ["fit", "--pairs", str(tmp_path / "pairs.json"), "--steps", "2", "--tau", "0.05"]
+    for flag, n in (("--n-pairs", "1"), ("--max-pairs", "3")):
+        out = tmp_path / flag.strip("-")
+        assert main([*base, flag, n, "--out", str(out)]) == 0
+        assert len(Eraser.load(out).manifest["pairs"]["targets"]) == int(n)
+
+
+def test_fit_n_pairs_below_one_is_a_usage_error(capsys):
+    assert main(["fit", "--pairs", "conceptworld_red", "--n-pairs", "0", "--out", "x"]) == 2
+    assert "--n-pairs must be at least 1" in capsys.readouterr().err

@@ -1,12 +1,27 @@
 """The package's import graph has no cycles: no module imports one that imports it back, not even
-inside a function (imports under `if TYPE_CHECKING:` are for annotations only and do not count)."""
+inside a function (imports under `if TYPE_CHECKING:` are for annotations only and do not count).
+The top-level package exports the names the README and the notebooks use most."""
 
 from __future__ import annotations
 
 import ast
+import importlib
+import json
+import re
 from pathlib import Path
 
-PACKAGE = Path(__file__).resolve().parents[1] / "acterase_interp"
+import acterase_interp
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "acterase_interp"
+COMMON: dict[str, str] = {
+    "load": "loading", "load_classifier": "loading", "conceptworld_dir": "loading", "generate": "generation",
+    "TextInjection": "generation", "EraseOptions": "erase", "EraserFitter": "erase", "Eraser": "erase",
+    "FitStatistics": "erase", "PromptPairs": "erase", "merge": "erase", "ConceptClassifier": "world.classifier",
+    "conceptworld_pairs": "world.pairs", "library_versions": "provenance", "Spec": "executor",
+    "PlantSpec": "plant", "build_random_sd": "random_sd",
+}  # fmt: skip
+"""Names the README and the notebooks import most, and the module each lives in."""
 
 
 def _module_name(path: Path) -> str:
@@ -92,3 +107,32 @@ def test_erasers_do_not_import_statistics_and_the_patching_layer_imports_no_meth
     graph = _graph()
     assert "acterase_interp.erase.statistics" not in graph["acterase_interp.erase.eraser"]
     assert not {m for m in graph["acterase_interp.patching"] if m.startswith(("acterase_interp.erase", "acterase_interp.analysis"))}
+
+
+def _top_level_imports() -> set[str]:
+    """Every name the README and the notebooks' code cells import `from acterase_interp`."""
+    texts = [(ROOT / "README.md").read_text()]
+    for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        texts += ["".join(c["source"]) for c in cells if c["cell_type"] == "code"]
+    found = re.findall(r"^from acterase_interp import ([\w, ]+)$", "\n".join(texts), re.MULTILINE)
+    return {name.strip() for names in found for name in names.split(",")}
+
+
+def test_the_top_level_exports_every_name_the_readme_and_notebooks_import_from_it():
+    names = _top_level_imports()
+    assert {"load", "generate", "load_classifier"} <= names
+    assert names <= set(acterase_interp.__all__)
+
+
+def test_common_names_are_exported_and_are_the_objects_of_their_home_modules():
+    assert set(COMMON) <= set(acterase_interp.__all__)
+    assert all(hasattr(acterase_interp, name) for name in acterase_interp.__all__)
+    for name, module in COMMON.items():
+        assert getattr(acterase_interp, name) is getattr(importlib.import_module(f"acterase_interp.{module}"), name)
+
+
+def test_exports_do_not_shadow_submodules():
+    """`acterase_interp.plant` stays the module (a function of that name would hide it)."""
+    modules = {p.stem for p in PACKAGE.glob("*.py")} | {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").exists()}
+    assert not modules & set(acterase_interp.__all__)

@@ -161,3 +161,27 @@ def test_architecture_hash_tells_architectures_apart(random_sd, conceptworld):
     _hashes["conceptworld"] = architecture_hash(conceptworld.pipeline)
     _hashes[random_sd.version] = architecture_hash(random_sd.pipeline)
     assert len(set(_hashes.values())) == len(_hashes), _hashes  # every architecture seen so far differs
+
+
+def test_load_classifier_by_name_and_folder():
+    """Each bundled name reads its own folder's classifier; a folder path reads the same weights."""
+    default = loading.load_classifier()
+    assert not default.training and "heart" in default.factors["shape"]
+    assert "heart" not in loading.load_classifier("conceptworld-v1").factors["shape"]  # v1 knows no planted values
+    bench = loading.load_classifier("conceptworld-bench")
+    assert set(bench.factors["shape"]) > set(default.factors["shape"])  # the benchmark's new values too
+    by_folder = loading.load_classifier(loading.conceptworld_dir() / "classifier")
+    assert all(torch.equal(v, by_folder.state_dict()[k]) for k, v in default.state_dict().items())
+
+
+def test_load_classifier_errors(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="unknown classifier 'no-such-world'.*conceptworld-bench"):
+        loading.load_classifier("no-such-world")
+    with pytest.raises(FileNotFoundError, match="no classifier folder at .*missing"):
+        loading.load_classifier(str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="no concept classifier in"):
+        loading.load_classifier(tmp_path)  # a folder without weights
+    (tmp_path / "conceptworld-bench" / "classifier").mkdir(parents=True)  # an override holding no weights
+    monkeypatch.setenv("ACTERASE_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=r"no conceptworld-bench classifier in .*bench\.classifier"):
+        loading.load_classifier("conceptworld-bench")

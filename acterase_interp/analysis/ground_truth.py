@@ -208,8 +208,7 @@ def markdown_table(result: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     from ..executor import Spec, one_thread_processes
-    from ..loading import conceptworld_dir, load
-    from ..world.classifier import ConceptClassifier
+    from ..loading import load, load_classifier
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="conceptworld")
@@ -221,7 +220,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("runs/ground_truth.json"))
     args = parser.parse_args(argv)
     model = Spec.of(load, args.model)
-    classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
+    classifier = Spec.of(load_classifier, "conceptworld")
     kwargs = {"families": tuple(args.families), "n_pairs": args.n_pairs, "seeds": tuple(args.seeds),
               "num_inference_steps": args.steps}
     if args.workers:

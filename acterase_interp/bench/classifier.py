@@ -26,12 +26,9 @@ from ..world.factors import FACTORS, Scene, sample_scenes
 from ..world.render import render_batch
 from ..world.train import TrainOptions, _scene_labels, make_data, train_classifier, vae_roundtrip
 
-BENCH = "conceptworld-bench"
-
-
 def bench_dir() -> Path:
     """The benchmark's data folder (`$ACTERASE_DATA` overrides it, as every shipped folder)."""
-    return loading.data_path(BENCH)
+    return loading.data_path(loading.BENCH)
 
 
 def per_value_accuracy(model: ConceptClassifier, scenes: list[Scene], images: torch.Tensor) -> dict[str, float]:
@@ -48,12 +45,9 @@ def per_value_accuracy(model: ConceptClassifier, scenes: list[Scene], images: to
 
 
 def load_bench_classifier(device: str = "cpu") -> ConceptClassifier:
-    """The benchmark classifier (raises with the command to train it when absent)."""
-    directory = bench_dir() / "classifier"
-    if not (directory / "classifier.safetensors").exists():
-        raise FileNotFoundError(f"no benchmark classifier in {directory}; train it with "
-                                "`python -m acterase_interp.bench.classifier`")
-    return ConceptClassifier.load(directory).to(device)
+    """The benchmark classifier, `load_classifier("conceptworld-bench")` (raises with the command to
+    train it when absent)."""
+    return loading.load_classifier(loading.BENCH, device=device)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -142,17 +142,15 @@ def default_truth(model: Any, concept: str) -> PlantingTruth:
 def open_planting(name: str) -> tuple[Any, PlantingTruth, Any]:
     """(model, truth, classifier) of planting `name`: a benchmark planting with the benchmark
     classifier, or `default:<concept>` with the default model and its classifier."""
-    from ..loading import conceptworld_dir, load as load_model
-    from ..world.classifier import ConceptClassifier
+    from ..loading import BENCH, CONCEPTWORLD, load as load_model, load_classifier
 
     if name.startswith("default:"):
-        model = load_model("conceptworld")
-        return model, default_truth(model, name.split(":", 1)[1]), ConceptClassifier.load(conceptworld_dir() / "classifier")
-    from .classifier import load_bench_classifier
+        model = load_model(CONCEPTWORLD)
+        return model, default_truth(model, name.split(":", 1)[1]), load_classifier(CONCEPTWORLD)
     from .plantings import load_planting
 
     model, truth = load_planting(name)
-    return model, truth, load_bench_classifier()
+    return model, truth, load_classifier(BENCH)
 
 
 def weights_sha256(model: Any) -> str:

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from .. import loading
 from ..generation import generate
+from ..hooks import Hooks
 from ..integrity import ArtifactError, load_tensors, read_object, sha256_file
 from ..io import atomic_save_safetensors, atomic_write_json
 from ..metrics import factor_accuracy
@@ -215,11 +216,10 @@ def captured_variance(model, before: dict[str, torch.Tensor], module_path: str, 
 
     def record(prompts):
         steps = []
-        handle = module.register_forward_hook(lambda m, a, out: steps.append(out[len(out) // 2 :].detach().clone()))
-        try:
+        with Hooks() as hooks:
+            hooks.forward(module, lambda m, a, out: steps.append(out[len(out) // 2 :].detach().clone()),
+                          name=f"record {module_path}")  # fmt: skip
             generate(model, list(prompts), seeds=list(range(len(prompts))), progress=False)
-        finally:
-            handle.remove()
         return torch.stack(steps)  # (steps, pairs, tokens, dim)
 
     planted = record(targets) - record(sources)
@@ -275,7 +275,7 @@ def verify_bench(p: BenchPlanting, model, record: PlantRecord, before: dict[str,
     classifier = load_bench_classifier()
     _, prompts, seeds = planted_prompts([p.concept], N_PLANTED, SEED)[p.concept]
     out = verify(model, record, before, lambda im: classifier.shows(im, p.concept), prompts, seeds, progress)
-    default = ConceptClassifier.load(loading.conceptworld_dir() / "classifier")  # v2's reader of its bars
+    default = loading.load_classifier()  # v2's reader of its bars
     base = base_natural_rates(default)
     rates = natural_rates(model, default)
     deltas = {row: {f: rates[row][f] - base[row][f] for f in rates[row]} for row in rates}

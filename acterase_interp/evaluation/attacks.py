@@ -30,10 +30,12 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler
 
+from ..hooks import Hooks
 from ..metrics import Rate
 from ..plant import denoising_loss
 from ..world.captions import WORDS, ZERO_SHOT_WORDS, canonical, vocabulary
-from ..world.factors import Scene, factor_of, sample_scenes
+from ..world.concept import Concept, as_concept
+from ..world.factors import Scene, sample_scenes
 from ..world.render import render_batch
 from .baselines import Method
 from .conditioning import encode, is_xl
@@ -164,15 +166,13 @@ def learned_token(model: Any, token_id: int, vector: torch.Tensor, encoder: str 
         where = (args[0] == token_id).unsqueeze(-1)
         return torch.where(where, vector.to(output.dtype), output)
 
-    handle = embedding.register_forward_hook(hook)
-    try:
+    with Hooks() as hooks:
+        hooks.forward(embedding, hook, name=f"learned token {token_id} in {encoder}")
         yield
-    finally:
-        handle.remove()
 
 
-def _inversion_captions(concept: str, scenes: Sequence[Scene], placeholder: str) -> list[str]:
-    word = WORDS[concept][0]
+def _inversion_captions(concept: Concept, scenes: Sequence[Scene], placeholder: str) -> list[str]:
+    word = concept.words[0]
     return [canonical(s).replace(word, placeholder) for s in scenes]
 
 
@@ -189,9 +189,9 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
     pipe = model.pipeline
     parts = [("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")][: 1 + is_xl(model)]
     tokens = {encoder: _placeholder_id(getattr(pipe, tokenizer), placeholder) for encoder, tokenizer in parts}
-    factor = factor_of(concept)
+    concept = as_concept(concept)
     rng = np.random.default_rng([seed, 7])
-    scenes = [Scene(**{**s.__dict__, factor: concept}) for s in sample_scenes(n_images, rng)]
+    scenes = [concept.replace_in(s) for s in sample_scenes(n_images, rng)]
     images = torch.from_numpy(render_batch(scenes, rng)).to(pipe.device)
     start = time.perf_counter()
     with torch.no_grad():
@@ -204,7 +204,7 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     gen = torch.Generator().manual_seed(seed)
     losses = []
-    eval_scenes = [Scene(**{**s.__dict__, factor: concept}) for s in sample_scenes(n_eval, np.random.default_rng([seed, 8]))]
+    eval_scenes = [concept.replace_in(s) for s in sample_scenes(n_eval, np.random.default_rng([seed, 8]))]
     prompts = _inversion_captions(concept, eval_scenes, placeholder)
     with ExitStack() as stack:
         sample = stack.enter_context(method.applied(model))
@@ -223,11 +223,11 @@ def concept_inversion(method: Method, model: Any, classifier: Any, concept: str,
                 losses.append({"step": step, "loss": loss.item()})
         with torch.no_grad():
             drawn = sample(prompts, image_seeds("evaluation", len(prompts), base=seed), num_inference_steps)
-    rate = Rate.from_outcomes(_shows(classifier, drawn, concept))
+    rate = Rate.from_outcomes(_shows(classifier, drawn, concept.value))
     budget = {"steps": steps, "batch": batch, "lr": lr, "n_images": n_images, "placeholder": placeholder}
     shift = {e: (v.detach() - getattr(pipe, e).get_input_embeddings().weight[tokens[e]].float()).norm().item()
              for e, v in vectors.items()}  # fmt: skip
-    return AttackResult("concept_inversion", concept, rate, budget, prompts, time.perf_counter() - start,
+    return AttackResult("concept_inversion", concept.value, rate, budget, prompts, time.perf_counter() - start,
                         {"losses": losses, "embedding_shift": shift})  # fmt: skip
 
 
