@@ -31,14 +31,14 @@ if "OMP_NUM_THREADS" not in os.environ:
 
 SLOW_FIXTURES = frozenset({"random_sd"})
 """Random-weight SD 1.5 / 2.1 at full parameter count: gigabytes of memory and seconds per call."""
-SLOW_MODULES = frozenset({"test_sdxl", "test_sdxl_evaluation", "test_notebooks", "test_browser", "test_benchmarks",
-                          "test_benchmarks_gpu"})
-"""SDXL (real size and tiny), executed notebooks, the real browser, the benchmark command."""
+SLOW_MODULES = frozenset({"tests.test_sdxl", "tests.test_sdxl_evaluation", "tests.test_notebooks", "tests.test_browser",
+                          "tests.benchmarks.test_run", "tests.benchmarks.test_gpu"})
+"""SDXL (real size and tiny), executed notebooks, the real browser, the benchmark commands."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        module = item.module.__name__ if item.module else ""
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or module in SLOW_MODULES:
             item.add_marker(pytest.mark.slow)
 

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as torch_module
 
-from conftest import traced_images
+from tests.conftest import traced_images
 
 from acterase_interp.analysis.subspace import SubspacePatch
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, merge

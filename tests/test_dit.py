@@ -15,7 +15,7 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 
-from conftest import fired_order, traced_images
+from tests.conftest import fired_order, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs
 from acterase_interp.erase.merge import merge

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from conftest import hook_count, traced_images
+from tests.conftest import hook_count, traced_images
 
 from acterase_interp.generation import TextInjection, generate
 from acterase_interp.loading import GenerationDefaults, wrap

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from torch import nn
 
-from conftest import traced_images
+from tests.conftest import traced_images
 
 from acterase_interp.analysis.subspace import SubspacePatch
 from acterase_interp.generation import generate

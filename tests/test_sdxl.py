@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 from nnsight import DiffusionModel
 
-from conftest import fired_order, hook_count, traced_images
+from tests.conftest import fired_order, hook_count, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
 from acterase_interp.generation import TextInjection, generate

@@ -6,7 +6,7 @@ import nnsight
 import pytest
 import torch
 
-from conftest import fired_order
+from tests.conftest import fired_order
 
 from acterase_interp.sites import (
     PRESETS,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import traced_images
+from tests.conftest import traced_images
 
 from acterase_interp.erase import EraseOptions, EraserFitter, PromptPairs
 from acterase_interp.generation import generate

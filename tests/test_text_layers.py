@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import hook_count
+from tests.conftest import hook_count
 
 from acterase_interp.generation import TextLayerInjection, generate
 from acterase_interp.injection import encode_prompts

@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import hook_count, traced_images
+from tests.conftest import hook_count, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs
 from acterase_interp.erase._util import model_sites, site_from_dict, site_to_dict

@@ -12,7 +12,7 @@ from acterase_interp.world.captions import HELDOUT_TEMPLATES, TEMPLATES, WORDS
 from acterase_interp.world.factors import NATURAL, factor_of
 from acterase_interp.world.pairs import concepts, conceptworld_pairs
 
-PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts"
+PROMPTS = Path(__file__).resolve().parents[2] / "data" / "prompts"
 REAL = ("nudity", "van_gogh", "leonardo_da_vinci", "picasso", "church", "tench", "french_horn", "garbage_truck")
 ALL_FILES = sorted(p.stem for p in PROMPTS.glob("*.json"))
 

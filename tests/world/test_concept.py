@@ -14,7 +14,7 @@ from acterase_interp.world.concept import Concept, as_concept, with_values
 from acterase_interp.world.factors import NATURAL, Scene
 from acterase_interp.world.pairs import conceptworld_pairs
 
-PACKAGE = Path(__file__).resolve().parents[1] / "acterase_interp"
+PACKAGE = Path(__file__).resolve().parents[2] / "acterase_interp"
 RECORDS = [{"concept": "moon", "blocks": ["mid.0"]}, {"concept": "heart", "blocks": ["up.0.0", "up.0.1"]}]
 """Shaped like a model's `planted` records (planted.json)."""
 

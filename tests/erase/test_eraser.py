@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conftest import hook_count, traced_images
+from tests.conftest import hook_count, traced_images
 
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, merge
 from acterase_interp.generation import generate
