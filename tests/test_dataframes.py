@@ -65,3 +65,12 @@ def test_what_is_not_a_record_is_refused_clearly():
         to_dataframe([1, 2])
     with pytest.raises(TypeError, match="needs a 'rows' list"):
         to_dataframe({"summary": []})
+
+
+def test_columns_choose_and_order_fields_and_digits_round_floats():
+    records = [{"tau": 0.0123456, "site": "mid.0", "n": 3}, {"tau": 0.5, "site": "up.0.0", "n": 4}]
+    frame = to_dataframe(records, columns=["site", "tau"], digits=3)
+    assert list(frame.columns) == ["site", "tau"]
+    assert frame["tau"].tolist() == [0.012, 0.5] and frame["site"].tolist() == ["mid.0", "up.0.0"]
+    with pytest.raises(KeyError, match=r"no field \['rho'\].*'tau'"):
+        to_dataframe(records, columns=["site", "rho"])

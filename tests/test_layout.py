@@ -30,3 +30,12 @@ def test_the_classifier_is_loaded_in_one_place():
     files = [*(ROOT / "acterase_interp").rglob("*.py"), *(ROOT / "notebooks").glob("*.ipynb")]
     copies = [p.relative_to(ROOT) for p in files if "ConceptClassifier.load(" in p.read_text()]
     assert copies == [Path("acterase_interp/loading.py")], f"use load_classifier(name) instead: {copies}"
+
+
+def test_notebooks_show_tables_as_data_frames_not_printers_of_their_own():
+    import json
+
+    printers = [nb.name for nb in sorted((ROOT / "notebooks").glob("*.ipynb"))
+                for cell in json.loads(nb.read_text())["cells"] if cell["cell_type"] == "code"
+                if "def table(" in "".join(cell["source"]) or ".ljust(" in "".join(cell["source"])]  # fmt: skip
+    assert not printers, f"show records with analysis.to_dataframe(rows, columns=..., digits=...): {printers}"

@@ -14,11 +14,14 @@ from scipy.stats import t as student_t
 Record = dict[str, Any]
 
 
-def to_dataframe(records: Sequence[Record] | Sequence[Any] | Mapping[str, Any], *, flatten: bool = False):
+def to_dataframe(records: Sequence[Record] | Sequence[Any] | Mapping[str, Any], *, flatten: bool = False,
+                 columns: Sequence[str] | None = None, digits: int | None = None):
     """The records as a pandas DataFrame, one row each (pandas is optional: a clear error if it is
     missing). `records`: dicts (sweeps, `benchmarks.run.rows`), dataclass instances (the leaderboard's
     `Row`), or a result holding them under "rows" (`run_table`'s, `run_planting`'s). `flatten`: nested
-    dicts become dotted columns (`target_rate.value`) instead of dict cells."""
+    dicts become dotted columns (`target_rate.value`) instead of dict cells. `columns`: these, in
+    this order (one no record has is an error naming the fields that exist); `digits`: floats
+    rounded for display."""
     try:
         import pandas as pd
     except ImportError as err:
@@ -29,7 +32,12 @@ def to_dataframe(records: Sequence[Record] | Sequence[Any] | Mapping[str, Any], 
             raise TypeError(f"a result to tabulate needs a 'rows' list; this one has {sorted(records)}")
         records = records["rows"]
     rows = [_record(r) for r in records]
-    return pd.json_normalize(rows, sep=".") if flatten and rows else pd.DataFrame.from_records(rows)
+    frame = pd.json_normalize(rows, sep=".") if flatten and rows else pd.DataFrame.from_records(rows)
+    if columns is not None:
+        if missing := [c for c in columns if c not in frame.columns]:
+            raise KeyError(f"no field {missing} in these records; they have {list(frame.columns)}")
+        frame = frame[list(columns)]
+    return frame if digits is None else frame.round(digits)
 
 
 def _record(row: Any) -> Record:
