@@ -22,6 +22,7 @@ import multiprocessing
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -29,8 +30,8 @@ from tqdm.auto import tqdm
 
 T = TypeVar("T")
 
-_LOCAL: dict[Hashable, Any] = {}
-"""This process's objects built from specs (and other worker-side state), by key."""
+_LOCAL: OrderedDict[Hashable, Any] = OrderedDict()
+"""This process's objects built from specs (and other worker-side state), by key, least recently used first."""
 
 
 class Executor(Protocol):
@@ -50,11 +51,19 @@ def _lost(err: BaseException) -> bool:
     return isinstance(err, BrokenProcessPool) or type(err).__name__ == "KilledWorker"
 
 
-def worker_local(key: Hashable, build: Callable[[], T]) -> T:
-    """The object this process keeps under `key`, built by `build()` on first use."""
-    if key not in _LOCAL:
-        _LOCAL[key] = build()
-    return _LOCAL[key]
+def worker_local(key: Hashable, build: Callable[[], T], *, keep: int | None = None) -> T:
+    """The object this process keeps under `key`, built by `build()` on first use. With `keep`,
+    `key` is a tuple whose first item names a kind, and at most `keep` objects of that kind stay:
+    the least recently used go (a worker that serves many evaluators does not grow without end)."""
+    if key in _LOCAL:
+        _LOCAL.move_to_end(key)
+        return _LOCAL[key]
+    _LOCAL[key] = value = build()
+    if keep is not None:
+        kind = [k for k in _LOCAL if isinstance(k, tuple) and k[:1] == key[:1]]
+        for old in kind[: max(0, len(kind) - keep)]:
+            del _LOCAL[old]
+    return value
 
 
 @dataclass(frozen=True)

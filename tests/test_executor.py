@@ -102,3 +102,35 @@ def test_a_two_worker_cluster_gives_the_serial_rows():
             assert theirs.keys() == ours.keys() and all(torch.equal(theirs[k], ours[k]) for k in ours)
     assert _same(rows, serial) and _same(causal, serial_causal)
     assert len({r["concept_rate"] for r in rows} | {r["image_distance"] for r in rows}) > 1  # not all alike
+
+
+def test_worker_local_keeps_at_most_keep_objects_of_a_kind_least_recently_used_out():
+    from acterase_interp import executor
+
+    built = []
+    for i in range(6):
+        worker_local(("test-kind", i), lambda i=i: built.append(i) or i, keep=4)
+    worker_local(("test-kind", 2), lambda: built.append("again"), keep=4)  # used: now the most recent
+    worker_local(("test-kind", 6), lambda: built.append(6) or 6, keep=4)
+    kept = [k[1] for k in executor._LOCAL if k[:1] == ("test-kind",)]
+    assert kept == [4, 5, 2, 6] and built == [0, 1, 2, 3, 4, 5, 6]
+    assert worker_local(("other-kind",), lambda: "x") == "x"  # other kinds are not counted
+    for k in [k for k in executor._LOCAL if k[:1] in (("test-kind",), ("other-kind",))]:
+        del executor._LOCAL[k]
+
+
+def test_equal_evaluators_share_one_worker_cache_and_a_worker_keeps_few():
+    import pickle
+
+    from acterase_interp import executor
+    from acterase_interp.analysis.evaluation import EVALUATORS_KEPT
+
+    model = Spec.of(load, "conceptworld")  # never built: evaluators resolve the model on first use
+    classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
+    make = lambda prompts: Evaluator(model, classifier, "red", prompts, images_per_prompt=2)  # noqa: E731
+    a, b = pickle.loads(pickle.dumps(make(["a red circle"]))), pickle.loads(pickle.dumps(make(["a red circle"])))
+    assert a is b  # same content, one worker-side copy with one baseline cache
+    assert pickle.loads(pickle.dumps(make(["a red square"]))) is not a
+    for i in range(EVALUATORS_KEPT + 2):
+        pickle.loads(pickle.dumps(make([f"a red star {i}"])))
+    assert sum(k[0] == "evaluator" for k in executor._LOCAL if isinstance(k, tuple)) == EVALUATORS_KEPT

@@ -12,7 +12,8 @@ see `acterase_interp.executor`).
 
 from __future__ import annotations
 
-import uuid
+import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,7 +78,7 @@ class Evaluator:
         distance: str = "mae",
     ) -> None:
         self._config = {k: v for k, v in locals().items() if k != "self"}  # how a worker rebuilds it
-        self._token = uuid.uuid4().hex
+        self._token: str | None = None  # what workers keep it under: set when it first travels
         if distance not in DISTANCES:
             raise ValueError(f"unknown distance {distance!r}; choose from {DISTANCES}")
         if images_per_prompt < 1:
@@ -120,6 +121,7 @@ class Evaluator:
 
     def __reduce__(self) -> tuple:
         self.require_specs()
+        self._token = self._token or _content_key(self._config)  # equal evaluators share one worker-side cache
         return _worker_evaluator, (self._token, self._config)
 
     @classmethod
@@ -188,9 +190,20 @@ class Evaluator:
     __call__ = evaluate
 
 
+EVALUATORS_KEPT = 4
+"""Evaluators (each with its cache of unpatched images) a worker process keeps, most recently used."""
+
+
+def _content_key(config: dict) -> str:
+    """What an evaluator is (prompts, seeds' options, model and classifier specs), as a short hash."""
+    text = json.dumps(config, sort_keys=True, default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _worker_evaluator(token: str, config: dict) -> Evaluator:
-    """The evaluator `token` as this process keeps it: unpickling it again reuses its baseline cache."""
-    return worker_local(("evaluator", token), lambda: Evaluator(**config))
+    """The evaluator `token` as this process keeps it: unpickling it again (or an equal one)
+    reuses its baseline cache; at most `EVALUATORS_KEPT` stay per process."""
+    return worker_local(("evaluator", token), lambda: Evaluator(**config), keep=EVALUATORS_KEPT)
 
 
 def evaluate_eraser(
