@@ -38,7 +38,8 @@ from ..patching import Window, unet_of
 from ..sites import SITE_KINDS, TEXT_LAYER, UNET_OUT, dit_kinds, is_dit, select_sites
 from ..text_layers import TextLayerInjection, encoder_layers, parse_text_layers, text_layers
 from .evaluation import Evaluator
-from .localization import DIRECTIONS, _causal_cell, _blocks, check_direction, eraser_measure, map_correlation, seed_summary
+from .localization import (DIRECTIONS, _blocks, _causal_cell, at_layer, check_direction, eraser_measure, map_correlation,
+                           seed_summary)
 from .records import Record, group_mean
 
 if TYPE_CHECKING:
@@ -240,7 +241,8 @@ def causal_sweep(
             own = windows if windows is not None else _one_by_one(family, fits.get(family), blocks, loaded)
             for w in own if family in fits else ():
                 fits[family].sites_in(w)  # blocks outside the fit: a clear error before any cell runs
-            cells += [(measure, w, s, meta) for w in own for s in steps]
+            built = [at_layer(measure, w) for w in own]  # each layer's eraser once, here: cells carry no statistics
+            cells += [(m, w, s, meta) for m, w in zip(built, own) for s in steps]
     rows = run_cells(_causal_cell, cells, executor, desc="causal sweep", progress=progress)
     return [_tidy(r) for r in rows]
 

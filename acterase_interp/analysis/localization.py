@@ -88,7 +88,8 @@ def causal_map(
         raise ValueError("causal_map needs at least one layer and one window")
     if executor is not None and hasattr(measure, "evaluator"):
         measure.evaluator.require_specs()
-    cells = [(measure, layer, tuple(w), meta) for layer in layers for w in windows]
+    built = [at_layer(measure, layer) for layer in layers]  # each layer's eraser once, here: cells carry no statistics
+    cells = [(m, layer, tuple(w), meta) for m, layer in zip(built, layers) for w in windows]
     return run_cells(_causal_cell, cells, executor, desc="causal map", progress=progress)
 
 
@@ -242,11 +243,39 @@ class EraserMeasure:
     direction: str = "erase"
 
     def __call__(self, layer: str | Sequence[str], window: Window) -> Record:
+        return self.at(layer)(layer, window)
+
+    def at(self, layer: str | Sequence[str]) -> LayerMeasure:
+        """This measure at one layer, its eraser built here: what a sweep sends to a worker (an
+        eraser of a few blocks, not the whole fit's statistics)."""
         values = "target" if self.direction == "restore" else "source"
         eraser = self.statistics.eraser(tau=self.tau, blocks=_blocks(layer), values=values, **self.overrides)
-        rows = [self.evaluator(eraser, s, steps=window) for s in self.seeds]
-        out: Record = {"tau": self.tau, "seeds": list(self.seeds), **_meta(self.statistics), **self.overrides}
-        return out | seed_summary(rows, self.direction)
+        meta = {"tau": self.tau, "seeds": list(self.seeds), **_meta(self.statistics), **self.overrides}
+        return LayerMeasure(eraser, _blocks(layer), self.evaluator, self.seeds, self.direction, meta)
+
+
+@dataclass(frozen=True, eq=False)  # holds tensors: equality is identity
+class LayerMeasure:
+    """`EraserMeasure.at(layer)`: the eraser of one layer (a block or a window of blocks), scored
+    by the evaluator on every seed during the window of steps it is called with."""
+
+    eraser: Any
+    blocks: tuple[str, ...]
+    evaluator: Evaluator
+    seeds: tuple[int, ...]
+    direction: str
+    meta: Record
+
+    def __call__(self, layer: str | Sequence[str], window: Window) -> Record:
+        if _blocks(layer) != self.blocks:
+            raise ValueError(f"this measure's eraser patches {list(self.blocks)}, not {list(_blocks(layer))}")
+        rows = [self.evaluator(self.eraser, s, steps=window) for s in self.seeds]
+        return dict(self.meta) | seed_summary(rows, self.direction)
+
+
+def at_layer(measure: Callable, layer: str | Sequence[str]) -> Callable:
+    """`measure.at(layer)` where the measure builds per layer (an `EraserMeasure`), else itself."""
+    return measure.at(layer) if isinstance(measure, EraserMeasure) else measure
 
 
 def eraser_measure(

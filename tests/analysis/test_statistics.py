@@ -155,6 +155,19 @@ def test_causal_map_wired_to_statistics_finds_the_concept_layer():
     assert all(r["seeds"] == [0, 1, 2] and "damage" in r for r in rows)
 
 
+def test_a_sweep_cell_carries_one_layer_s_eraser_not_the_statistics():
+    import pickle
+
+    stats = _stats()
+    measure = eraser_measure(stats, StubEvaluator(), tau=0.1, seeds=(0, 1))
+    at = measure.at("mid.0")
+    assert [s.block for s in at.eraser.sites] == ["mid.0"]
+    assert at("mid.0", (1, 2)) == measure("mid.0", (1, 2))
+    assert len(pickle.dumps(at)) < len(pickle.dumps(measure)) / 2  # the statistics stay in the parent
+    with pytest.raises(ValueError, match="patches \\['mid.0'\\], not \\['down.0.0'\\]"):
+        at("down.0.0", (1, 2))
+
+
 def test_tau_sweep_and_best_tau():
     fits = {s: _stats(seed=s) for s in (0, 1, 2)}
     rows = tau_sweep(fits, StubEvaluator(), [0.05, 0.2, 0.6], progress=False, granularity="unit")
