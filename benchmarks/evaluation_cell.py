@@ -41,7 +41,8 @@ def measure(model, classifier, concept: str, method: str, seed: int) -> dict:
     cell = time.perf_counter() - start
     search, inversion = (row["attacks"][a]["seconds"] for a in ("prompt_search", "concept_inversion"))
     return {"concept": concept, "method": method, "seed": seed, "cell_s": cell, "fit_s": row["fit_s"],
-            "search_s": search, "inversion_s": inversion, "images_s": cell - row["fit_s"] - search - inversion}  # fmt: skip
+            "search_s": search, "inversion_s": inversion, "images_s": cell - row["fit_s"] - search - inversion,
+            "tau_search_s": row["method_options"].get("tau_search_s")}  # fmt: skip
 
 
 def markdown(result: dict) -> str:
@@ -57,6 +58,8 @@ def markdown(result: dict) -> str:
     search = sum(r["search_s"] for r in result["rows"]) / sum(cells)
     lines += ["", f"Median {statistics.median(cells):.1f} s per (concept, method, seed) cell, {sum(cells):.0f} s for "
               f"the {len(cells)} methods of one (concept, seed); the prompt search takes {100 * search:.0f}% of it."]  # fmt: skip
+    lines += [f"{r['method']}: {r['fit_s']:.1f} s to erase, {r['fit_s'] - r['tau_search_s']:.1f} s without its tau search."
+              for r in result["rows"] if r.get("tau_search_s")]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

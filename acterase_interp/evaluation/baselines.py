@@ -45,6 +45,7 @@ ConceptPrune, FIA and CASteer read and patch sites through `patching.patched`.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -93,10 +94,13 @@ class ActErase(Method):
             raise ValueError("tau='auto' needs shows_concept (e.g. ConceptClassifier.shows) to judge the fit targets")
         fitter = EraserFitter(model, options, progress=False)
         eraser = fitter.fit(pairs)
+        self.tau_search_seconds_ = 0.0
         if self.tau == "auto":
+            start = time.perf_counter()
             choice = choose_tau(model, fitter.statistics, pairs, lambda x: self.shows_concept(x, pairs.concept), seed=options.seed,
                                 num_inference_steps=options.num_inference_steps)  # fmt: skip
             eraser, self.chosen_tau_ = choice.eraser, choice.tau
+            self.tau_search_seconds_ = time.perf_counter() - start  # fit_seconds_ includes it
         self.eraser_: Eraser = eraser
 
     @contextmanager
@@ -106,7 +110,7 @@ class ActErase(Method):
 
     def describe(self) -> dict:
         return {"name": self.name, "tau": self.tau, "chosen_tau": getattr(self, "chosen_tau_", None),
-                "options": self.options.to_dict()}  # fmt: skip
+                "tau_search_s": getattr(self, "tau_search_seconds_", None), "options": self.options.to_dict()}  # fmt: skip
 
 
 class NegativePrompt(Method):

@@ -15,6 +15,8 @@ def test_the_table_sums_the_cells_and_the_search_share():
     assert "| b | 30.0 | 1.0 | 15.0 | 2.0 | 12.0 |" in table
     assert "Median 20.0 s per (concept, method, seed) cell, 40 s for the 2 methods" in table
     assert "the prompt search takes 50% of it" in table
+    rows[0]["tau_search_s"] = 0.25
+    assert "a: 1.0 s to erase, 0.8 s without its tau search." in markdown({"device": "cpu", "rows": rows, "provenance": prov})
 
 
 def test_an_unknown_method_is_refused_before_any_model_loads(capsys):

@@ -131,3 +131,4 @@ def test_acterase_chooses_tau_on_the_fit_targets(setup):
                       shows_concept=lambda images, concept: torch.ones(len(images), dtype=torch.bool)).fit(model, pairs)
     assert method.chosen_tau_ is None  # a reader that always sees the concept: no tau passes, the largest is kept
     assert method.eraser_.mask_density()
+    assert 0 < method.describe()["tau_search_s"] < method.fit_seconds_  # the time to erase, with and without the search
