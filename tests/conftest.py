@@ -20,7 +20,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from nnsight import DiffusionModel
 
-from acterase_interp.loading import load
+from acterase_interp.loading import load, load_classifier
 from acterase_interp.patching import patch_in_trace
 from acterase_interp.random_sd import build_random_sd
 from acterase_interp.sites import Site, discover_sites
@@ -52,6 +52,12 @@ only the activations are small."""
 def conceptworld() -> DiffusionModel:
     """The bundled ConceptWorld model."""
     return load("conceptworld")
+
+
+@pytest.fixture(scope="session")
+def classifier():
+    """The default ConceptWorld model's classifier, loaded once per session."""
+    return load_classifier("conceptworld")
 
 
 @pytest.fixture(scope="session")

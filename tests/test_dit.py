@@ -250,12 +250,9 @@ def test_text_injection_gives_the_blocks_the_sources_text_stream(tiny):
 
 
 @pytest.mark.slow
-def test_the_causal_sweep_covers_every_block_window(tiny):
+def test_the_causal_sweep_covers_every_block_window(tiny, classifier):
     from acterase_interp.analysis import causal_sweep
-    from acterase_interp.loading import conceptworld_dir
-    from acterase_interp.world.classifier import ConceptClassifier
 
-    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")
     pairs = PromptPairs("triangle", PAIRS.targets[:1], PAIRS.sources[:1], non_target=[PROMPTS[1]])
     families = ("ffn_hidden", "txt_v", "text")
     records = causal_sweep(tiny, classifier, pairs, families, None, [(0, STEPS)], tau=1.0, seeds=(0,), progress=False)

@@ -261,14 +261,11 @@ def test_text_injection_swaps_only_the_cross_attention_text(tiny):
     assert not torch.equal(some, target) and not torch.equal(some, everywhere)
 
 
-def test_the_causal_sweep_runs_on_sdxl(tiny):
+def test_the_causal_sweep_runs_on_sdxl(tiny, classifier):  # ConceptWorld's reads any image size
     """Every family kind of the sweep (an FFN site, a cross-attention value site, text injection),
     both directions, on SDXL's layout: records complete, and patching moves the images."""
     from acterase_interp.analysis import causal_sweep
-    from acterase_interp.loading import conceptworld_dir
-    from acterase_interp.world.classifier import ConceptClassifier
 
-    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")  # reads any image size
     pairs = PromptPairs("triangle", ["a red triangle on a plain background"], ["a red square on a plain background"],
                         non_target=["a green circle on a dotted background"])  # fmt: skip
     records = causal_sweep(tiny, classifier, pairs, ("ffn_hidden", "attn2_v", "text"), [("mid.0",), ("up.1.2",)],

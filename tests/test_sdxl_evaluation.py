@@ -28,9 +28,8 @@ from acterase_interp.evaluation.baselines import (
 )
 from acterase_interp.evaluation.conditioning import Conditioning, encode, encode_for_guidance
 from acterase_interp.generation import generate
-from acterase_interp.loading import GenerationDefaults, conceptworld_dir, wrap
+from acterase_interp.loading import GenerationDefaults, wrap
 from acterase_interp.random_sd import build_random_sd
-from acterase_interp.world.classifier import ConceptClassifier
 
 STEPS = 2
 SIDE = 64  # pixels, as tests/test_sdxl.py: 8x8 latents
@@ -151,12 +150,6 @@ def test_concept_prune_and_esd_edit_what_they_should_on_sdxl(tiny, pairs):
     assert all(not units.edits_[f"{b}.ff.net.2.weight"][:, u].any() for b, u in units.units_.items())
     esd = ESDx(steps=2, batch=2, images_per_prompt=1, num_inference_steps=STEPS).fit(tiny, pairs)
     assert esd.edits_ and all(".attn2." in n for n in esd.edits_) and len(esd.losses_) == 2
-
-
-@pytest.fixture(scope="module")
-def classifier() -> ConceptClassifier:
-    """A stand-in reader for xl-tiny's noise images (it pools over any image size)."""
-    return ConceptClassifier.load(conceptworld_dir() / "classifier")
 
 
 def test_prompt_search_runs_on_sdxl(tiny, classifier, pairs, plain):

@@ -27,19 +27,13 @@ from acterase_interp.analysis import (
 from acterase_interp.analysis.causal import FIELDS
 from acterase_interp.analysis.figures import sweep_heatmap
 from acterase_interp.erase import EraseOptions, EraserFitter
-from acterase_interp.loading import conceptworld_dir, load
+from acterase_interp.loading import load, load_classifier
 from acterase_interp.sites import _block_names
-from acterase_interp.world.classifier import ConceptClassifier
 from acterase_interp.world.pairs import conceptworld_pairs
 
 STEPS = 4
 CARRIER = "mid.0"
 EVALUATION = {"num_inference_steps": STEPS}
-
-
-@pytest.fixture(scope="module")
-def classifier() -> ConceptClassifier:
-    return ConceptClassifier.load(conceptworld_dir() / "classifier")
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +241,7 @@ def test_a_process_pool_gives_the_serial_records(classifier, pairs):
     from acterase_interp.executor import Spec
 
     model = Spec.of(load, "conceptworld")
-    spec_classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
+    spec_classifier = Spec.of(load_classifier, "conceptworld")
     fitter = EraserFitter(model.build(), EraseOptions(site_kind="attn2_out", num_inference_steps=STEPS), restorable=True,
                           progress=False)
     fitter.fit(pairs)

@@ -19,9 +19,7 @@ from acterase_interp.analysis.ground_truth import (
     top_units_iou,
     unit_iou,
 )
-from acterase_interp.loading import conceptworld_dir
 from acterase_interp.sites import Site
-from acterase_interp.world.classifier import ConceptClassifier
 
 BLOCKS = ["down.0.0", "down.1.0", "mid.0", "up.0.0", "up.0.1", "up.1.0", "up.1.1"]
 
@@ -79,11 +77,6 @@ def test_markdown_table():
     assert lines[3] == "| heart | ffn_units: a | text | n/a | a (1.00 / 1.00) | 0.250 |"  # text has no difference map
     assert "families by best drop: ffn_hidden (a: 0.750), text (a: 0.250); planted (ffn_hidden) first" in table
     assert "planted units of 'heart': tau 0.01: 0.500" in table
-
-
-@pytest.fixture(scope="module")
-def classifier() -> ConceptClassifier:
-    return ConceptClassifier.load(conceptworld_dir() / "classifier")
 
 
 def test_score_concept_on_the_planted_heart(conceptworld, classifier):

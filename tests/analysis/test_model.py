@@ -15,17 +15,14 @@ from acterase_interp.analysis import (
     probe_eraser_sites,
 )
 from acterase_interp.erase import EraseOptions, Eraser
-from acterase_interp.loading import conceptworld_dir
-from acterase_interp.world.classifier import ConceptClassifier
 from acterase_interp.world.pairs import conceptworld_pairs
 
 STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def world(conceptworld):
+def world(conceptworld, classifier):
     model = conceptworld
-    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")
     pairs = conceptworld_pairs("red", n=2)
     statistics = fit_seeds(model, pairs, EraseOptions(num_inference_steps=STEPS), seeds=(0,), progress=False)[0]
     evaluator = Evaluator.from_pairs(model, classifier, pairs, num_inference_steps=STEPS)

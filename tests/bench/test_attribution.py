@@ -140,14 +140,10 @@ def test_denoise_matches_generate(conceptworld):
     assert torch.equal(read, expected)  # reader rows change nothing in the sampled rows
 
 
-def test_atp_matches_a_finite_difference_on_conceptworld(conceptworld, conceptworld_sites):
+def test_atp_matches_a_finite_difference_on_conceptworld(conceptworld, conceptworld_sites, classifier):
     """The directional derivative along (a_s - a_t) at one site and every step, by central
     differences on the real model, equals the AtP sum (the model is not linear: 2% tolerance; the
     gap shrinks with eps, 1.8% at 1e-2, 0.2% at 1e-3)."""
-    from acterase_interp.loading import conceptworld_dir
-    from acterase_interp.world.classifier import ConceptClassifier
-
-    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")
     pipe, settings = conceptworld.pipeline, LoopSettings.of(conceptworld, num_inference_steps=6)
     site = next(s for s in conceptworld_sites if s.name == "up.0.0.ffn_hidden")
     pairs = [("a red heart on a plain background", "a red circle on a plain background")]

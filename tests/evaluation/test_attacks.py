@@ -15,8 +15,6 @@ from acterase_interp.evaluation.attacks import (
 )
 from acterase_interp.evaluation.baselines import UCE, Unerased
 from acterase_interp.evaluation.prompts import conceptworld_prompt_sets
-from acterase_interp.loading import conceptworld_dir
-from acterase_interp.world.classifier import ConceptClassifier
 from acterase_interp.world.factors import Scene
 from acterase_interp.world.pairs import conceptworld_pairs
 from acterase_interp.world.render import render_batch
@@ -25,8 +23,7 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def erased(conceptworld):
-    classifier = ConceptClassifier.load(conceptworld_dir() / "classifier")
+def erased(conceptworld, classifier):
     pairs = conceptworld_pairs("triangle", n=2)
     return conceptworld, classifier, UCE().fit(conceptworld, pairs), pairs
 
