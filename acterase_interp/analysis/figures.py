@@ -128,10 +128,12 @@ def pareto_plot(
     y: str = "preservation",
     tau: str = "tau",
     highlight: Sequence[float] = PAPER_TAUS,
+    auto_tau: float | None = None,
     title: str = "Erasure vs preservation",
 ) -> go.Figure:
     """Every tau as a point (error bars from `<x>_low/_high` and `<y>_low/_high` when present),
-    the Pareto front as a line, and the paper's taus (`highlight`) marked in a separate trace."""
+    the Pareto front as a line, the paper's taus (`highlight`) marked in a separate trace, and
+    `auto_tau` (`choose_tau`'s choice, when it is one of the records' taus) in another."""
     rows = _rows(records)
 
     def errors(part: list[Record], key: str) -> dict | None:
@@ -147,11 +149,14 @@ def pareto_plot(
     if front:
         part = sorted(front, key=lambda r: r[x])
         fig.add_trace(go.Scatter(x=column(part, x), y=column(part, y), mode="lines", name="Pareto front"))
-    marked = [r for r in rows if any(abs(r[tau] - t) <= 1e-9 * max(1.0, t) for t in highlight)]
-    if marked:
-        fig.add_trace(go.Scatter(x=column(marked, x), y=column(marked, y), mode="markers+text", name="paper's tau",
-                                 text=labels(marked), textposition="top center",
-                                 marker={"symbol": "star", "size": 14}))  # fmt: skip
+    def at(taus: Sequence[float]) -> list[Record]:
+        return [r for r in rows if any(abs(r[tau] - t) <= 1e-9 * max(1.0, t) for t in taus)]
+
+    for name, marked, symbol, where in (("paper's tau", at(highlight), "star", "top center"),
+                                        ("automatic tau", at([auto_tau] if auto_tau is not None else []), "diamond", "bottom center")):  # fmt: skip
+        if marked:
+            fig.add_trace(go.Scatter(x=column(marked, x), y=column(marked, y), mode="markers+text", name=name,
+                                     text=labels(marked), textposition=where, marker={"symbol": symbol, "size": 14}))  # fmt: skip
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=y)
     return fig
 

@@ -36,6 +36,9 @@ def test_pareto_plot_marks_the_papers_taus():
     assert [t.name for t in fig.data] == ["tau sweep", "Pareto front", "paper's tau"]
     assert list(fig.data[2].x) == [0.4, 0.2]  # tau 0.01 and 0.02
     assert list(fig.data[1].x) == [0.0, 0.2, 0.4, 0.8]  # tau 0.05 is dominated by 0.02
+    marked = F.pareto_plot(rows, auto_tau=0.05)
+    assert [t.name for t in marked.data] == ["tau sweep", "paper's tau", "automatic tau"]
+    assert list(marked.data[2].x) == [0.3] and list(marked.data[2].text) == ["tau=0.05"]
 
 
 def test_spatial_overlay_upsamples_the_map_onto_the_image():
