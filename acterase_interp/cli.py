@@ -179,7 +179,9 @@ def _plant_parser(plant: argparse.ArgumentParser) -> None:
     plant.add_argument("--shipped", action="store_true", help="plant the default model's three concepts instead")
     plant.add_argument("--family", choices=PLANT_FAMILIES, default="ffn", help="which weights train (default: ffn)")
     _shared(plant, "--blocks", help="transformer blocks (default: all)")
-    plant.add_argument("--units", type=int, help="ffn_units: hidden units per block")
+    plant.add_argument("--units", type=int, help="ffn_units and split: hidden units per block")
+    plant.add_argument("--rank", type=int, help="lowrank: dimension of the rotated subspace each block's update writes")
+    plant.add_argument("--kv-blocks", nargs="+", help="split: blocks whose cross-attention K/V train with the units")
     plant.add_argument("--steps", type=int, default=600, help="training steps (default: 600), not denoising steps")
     plant.add_argument("--lr", type=float, default=5e-4)
     plant.add_argument("--batch", type=int, default=64)
@@ -298,7 +300,8 @@ def _plant(args: argparse.Namespace) -> None:
     if args.concept:
         check_plantable(args.concept)  # before the model loads
     spec = None if args.shipped else PlantSpec(args.family, tuple(args.blocks) if args.blocks else None, args.units,
-                                                args.steps, args.lr, args.batch, args.seed)  # fmt: skip
+                                                args.steps, args.lr, args.batch, args.seed, rank=args.rank,
+                                                kv_blocks=tuple(args.kv_blocks) if args.kv_blocks else None)  # fmt: skip
     model = load(args.model, verify=not args.no_verify)
     if spec is None:
         records = plant_shipped(model)

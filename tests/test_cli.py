@@ -164,6 +164,23 @@ def test_plant_command_plants_and_saves(conceptworld, tmp_path):
     assert (out / "text_encoder.json").exists() and not (out / "text_encoder").exists()
 
 
+@pytest.mark.parametrize("family, extra, recorded", [("lowrank", ["--rank", "2"], {"rank": 2}),
+                                                     ("split", ["--units", "4", "--kv-blocks", "up.1.1"],
+                                                      {"units": 4, "kv_blocks": ["up.1.1"]})])  # fmt: skip
+def test_plant_takes_every_family_s_options(conceptworld, tmp_path, capsys, family, extra, recorded):
+    out = tmp_path / family
+    argv = ["plant", "--model", "conceptworld", "--concept", "diamond", "--family", family, "--blocks", "up.0.1",
+            "--steps", "1", "--batch", "2", "--n-images", "12", "--out", str(out), *extra]  # fmt: skip
+    assert main(argv) == 0
+    from acterase_interp.loading import load
+
+    spec = load(out).planted[-1]["spec"]
+    assert spec["family"] == family and {k: spec[k] for k in recorded} == recorded
+    bad = ["plant", "--model", "conceptworld", "--concept", "diamond", "--family", "lowrank", "--out", str(tmp_path / "x")]
+    assert main(bad) == 2 and "rank is required for family 'lowrank'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()  # refused before anything is written
+
+
 VERB_OPTIONS = {
     "fit": ["--model", "--device", "--steps", "--guidance", "--no-verify", "--n-pairs", "--seed", "--tau", "--blocks",
             "--out"],
