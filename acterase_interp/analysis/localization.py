@@ -88,7 +88,7 @@ def causal_map(
         raise ValueError("causal_map needs at least one layer and one window")
     if executor is not None and hasattr(measure, "evaluator"):
         measure.evaluator.require_specs()
-    built = [at_layer(measure, layer) for layer in layers]  # each layer's eraser once, here: cells carry no statistics
+    built = [at_layer(measure, layer) if executor is not None else measure for layer in layers]
     cells = [(m, layer, tuple(w), meta) for m, layer in zip(built, layers) for w in windows]
     return run_cells(_causal_cell, cells, executor, desc="causal map", progress=progress)
 
@@ -274,7 +274,9 @@ class LayerMeasure:
 
 
 def at_layer(measure: Callable, layer: str | Sequence[str]) -> Callable:
-    """`measure.at(layer)` where the measure builds per layer (an `EraserMeasure`), else itself."""
+    """`measure.at(layer)` where the measure builds per layer (an `EraserMeasure`), else itself.
+    For cells that travel to workers: each layer's eraser is built once, here, and a cell pickles
+    that eraser instead of the fit's statistics (run serially, the measure builds it per cell)."""
     return measure.at(layer) if isinstance(measure, EraserMeasure) else measure
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..erase import EraseOptions, EraserFitter, FitStatistics, PromptPairs, merge
+from ..erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs, merge
 from ..evaluation.core import REPLICATE_STRIDE
 from ..executor import Executor, require_spec, resolve, run_cells
 from .evaluation import Evaluator
@@ -133,13 +133,16 @@ def tau_sweep(
     taus = list(taus) if taus is not None else tau_grid()
     fits = _by_seed(statistics, seeds)
     _check_executor(executor, evaluator=evaluator)
-    cells = [(fits[s], evaluator, tau, s, overrides) for tau in taus for s in fits]
+    # a cell that travels to a worker carries its eraser, built here, not the fit's statistics
+    cells = [(fits[s].eraser(tau=tau, **overrides) if executor is not None else fits[s], evaluator, tau, s, overrides)
+             for tau in taus for s in fits]  # fmt: skip
     return run_cells(_tau_cell, cells, executor, desc="tau sweep", progress=progress)
 
 
-def _tau_cell(statistics: FitStatistics, evaluator: Evaluator, tau: float, seed: int, overrides: dict) -> Record:
-    """One tau sweep row: the re-thresholded eraser scored on one seed."""
-    eraser = statistics.eraser(tau=tau, **overrides)
+def _tau_cell(fit: FitStatistics | Eraser, evaluator: Evaluator, tau: float, seed: int, overrides: dict) -> Record:
+    """One tau sweep row: the eraser re-thresholded at `tau` (built from statistics, or given
+    built) scored on one seed."""
+    eraser = fit.eraser(tau=tau, **overrides) if isinstance(fit, FitStatistics) else fit
     density = eraser.mask_density()
     return evaluator(eraser, seed, tau=tau, mask_density=sum(density.values()) / len(density),
                      **{k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()})  # fmt: skip
@@ -241,7 +244,8 @@ def choice_ablation(
             options = replace(base, **{name: value})
             stats = done[(_fit_key(options), s)]
         overrides = {k: getattr(options, k) for k in _OVERRIDES}
-        sweep += [(stats, evaluator, tau, s, overrides) for tau in taus]
+        sweep += [(stats.eraser(tau=tau, **overrides) if executor is not None else stats, evaluator, tau, s, overrides)
+                  for tau in taus]  # a worker gets the eraser, not the statistics (as in tau_sweep)
         labels += [{"choice": name, "value": _label(value)}] * len(taus)
     results = run_cells(_tau_cell, sweep, executor, desc="choice ablation", progress=progress)
     rows: list[Record] = [{**label, **row} for label, row in zip(labels, results)]

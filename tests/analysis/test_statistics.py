@@ -25,7 +25,8 @@ from acterase_interp.analysis import (
     step_masks,
     tau_sweep,
 )
-from acterase_interp.erase import EraseOptions, FitStatistics, PromptPairs
+from acterase_interp.analysis.localization import LayerMeasure
+from acterase_interp.erase import EraseOptions, Eraser, FitStatistics, PromptPairs
 from acterase_interp.sites import Site
 
 PAIRS, STEPS, TOKENS, UNITS = 2, 3, 4, 100
@@ -166,6 +167,38 @@ def test_a_sweep_cell_carries_one_layer_s_eraser_not_the_statistics():
     assert len(pickle.dumps(at)) < len(pickle.dumps(measure)) / 2  # the statistics stay in the parent
     with pytest.raises(ValueError, match="patches \\['mid.0'\\], not \\['down.0.0'\\]"):
         at("down.0.0", (1, 2))
+
+
+class _Inline:
+    """An executor that runs each cell at once and keeps what it was sent (what would be pickled)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        self.sent.append(args)
+        future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+class _TravellingStub(StubEvaluator):
+    def require_specs(self):
+        pass
+
+
+def test_sweep_cells_for_workers_carry_erasers_built_here_with_the_serial_rows():
+    stats, evaluator, inline = _stats(), _TravellingStub(), _Inline()
+    serial = tau_sweep({0: stats}, evaluator, [0.05, 0.6], progress=False)
+    assert tau_sweep({0: stats}, evaluator, [0.05, 0.6], executor=inline, progress=False) == serial
+    measure = eraser_measure(stats, evaluator, tau=0.1, seeds=(0, 1))
+    serial = causal_map(measure, layers_of(stats), [(1, 2)], progress=False)
+    assert causal_map(measure, layers_of(stats), [(1, 2)], executor=inline, progress=False) == serial
+    sent = [a for args in inline.sent for a in args]
+    assert not any(isinstance(a, FitStatistics) for a in sent)
+    assert any(isinstance(a, Eraser) for a in sent) and any(isinstance(a, LayerMeasure) for a in sent)
 
 
 def test_tau_sweep_and_best_tau():
