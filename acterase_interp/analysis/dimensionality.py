@@ -216,3 +216,37 @@ def difference_spectrum(
 ) -> tuple[list[Record], list[Record]]:
     """`spectrum_records` of the fit's per-pair difference vectors (`FitStatistics.difference_vectors`)."""
     return spectrum_records(statistics.difference_vectors(), center, threshold, **_meta(statistics))
+
+
+def planted_dimension(statistics: FitStatistics, planted: Mapping[str, Any] | None, tau: float) -> list[Record]:
+    """Each estimate beside the truth, per fitted site: what the planting wrote there (`planted`,
+    the concept's record from `model.planted`; None for a natural concept, whose truth is unknown)
+    and what the fit says. Truth: `planted_units` (a count for unit plantings, "all" for a dense
+    FFN planting, 0 where the planting did not write), `planted_share` of the site's units.
+    Estimates: `mask_density` at `tau`; `top_unit_recall`, the share of the planted units among
+    as many units ranked by difference energy (`subspace.top_units`' order; unit plantings only);
+    `n_components` for 90% of the difference variance and the `participation_ratio`."""
+    _, ranks = difference_spectrum(statistics)
+    rank = {r["site"]: r for r in ranks}
+    masks = unit_masks(statistics.eraser(tau=tau))
+    differences = statistics.difference_vectors()
+    family = planted["spec"]["family"] if planted else None
+    rows = []
+    for site in statistics.sites:
+        units = differences[site.name].shape[1]
+        row: Record = {"concept": statistics.pairs.concept, "site": site.name, "block": site.block, "tau": tau,
+                       "planted_family": family, "planted_units": None, "planted_share": None, "top_unit_recall": None}  # fmt: skip
+        if planted:
+            chosen = planted.get("units", {}).get(site.block, [])
+            if family == "ffn" and site.kind.startswith("ffn") and site.block in planted["blocks"]:
+                row.update(planted_units="all", planted_share=1.0)
+            else:
+                row.update(planted_units=len(chosen), planted_share=len(chosen) / units)
+            if chosen:
+                energy = differences[site.name].double().pow(2).sum(0)
+                top = set(energy.topk(len(chosen)).indices.tolist())
+                row["top_unit_recall"] = len(top & set(chosen)) / len(chosen)
+        row.update(mask_density=mask_density(masks[site.name]), n_components=rank[site.name]["n_components"],
+                   participation_ratio=rank[site.name]["participation_ratio"])  # fmt: skip
+        rows.append(row)
+    return rows

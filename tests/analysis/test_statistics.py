@@ -19,11 +19,13 @@ from acterase_interp.analysis import (
     multi_concept_scaling,
     pair_iou,
     pair_masks,
+    planted_dimension,
     site_profile,
     spatial_map,
     step_iou,
     step_masks,
     tau_sweep,
+    unit_masks,
 )
 from acterase_interp.analysis.localization import LayerMeasure
 from acterase_interp.erase import EraseOptions, Eraser, FitStatistics, PromptPairs
@@ -199,6 +201,23 @@ def test_sweep_cells_for_workers_carry_erasers_built_here_with_the_serial_rows()
     sent = [a for args in inline.sent for a in args]
     assert not any(isinstance(a, FitStatistics) for a in sent)
     assert any(isinstance(a, Eraser) for a in sent) and any(isinstance(a, LayerMeasure) for a in sent)
+
+
+def test_planted_dimension_sets_each_estimate_beside_the_truth():
+    stats = _stats()  # the difference vectors point along units 0, 1, 2 (energies 9, 4, 1) at every site
+    sparse = {"spec": {"family": "ffn_units"}, "blocks": ["mid.0"], "units": {"mid.0": [0, 5]}}
+    rows = {r["block"]: r for r in planted_dimension(stats, sparse, tau=0.1)}
+    assert rows["mid.0"]["planted_units"] == 2 and rows["mid.0"]["planted_share"] == 2 / UNITS
+    assert rows["mid.0"]["top_unit_recall"] == 0.5  # the top two by energy are units 0 and 1
+    assert rows["down.0.0"]["planted_units"] == 0 and rows["down.0.0"]["top_unit_recall"] is None
+    assert all(r["n_components"] == 1 for r in rows.values())  # one direction: one component
+    masks = unit_masks(stats.eraser(tau=0.1))
+    units_on = {s.block: masks[s.name].float().mean().item() for s in stats.sites}
+    assert [rows[b]["mask_density"] for b in BLOCKS] == [units_on[b] for b in BLOCKS] and units_on["mid.0"] > 0
+    dense = {r["block"]: r for r in planted_dimension(stats, {"spec": {"family": "ffn"}, "blocks": ["mid.0"], "units": {}}, 0.1)}
+    assert dense["mid.0"]["planted_units"] == "all" and dense["down.0.0"]["planted_share"] == 0.0
+    natural = planted_dimension(stats, None, 0.1)
+    assert all(r["planted_units"] is None and r["planted_family"] is None for r in natural)
 
 
 def test_tau_sweep_and_best_tau():
