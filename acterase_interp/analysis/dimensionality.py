@@ -250,3 +250,57 @@ def planted_dimension(statistics: FitStatistics, planted: Mapping[str, Any] | No
                    participation_ratio=rank[site.name]["participation_ratio"])  # fmt: skip
         rows.append(row)
     return rows
+
+
+def dimension_findings(truth: Sequence[Record], probes: Mapping[str, Mapping[str, float]],
+                       subspace: Mapping[str, Sequence[Record]], reference: Mapping[str, Record],
+                       goal: float = 0.1) -> list[str]:  # fmt: skip
+    """Notebook 03's findings, one line each, computed from its outputs: per concept, the estimates
+    beside the truth (`planted_dimension` rows), the probes (mean accuracy per unit set, with
+    `chance`), and erasure in k dimensions (`subspace_efficacy` summaries by kind and k; the full
+    eraser in `reference`): the fewest units per site that bring the concept rate to `goal`."""
+    lines = []
+    for concept, summary in subspace.items():
+        rows = [r for r in truth if r["concept"] == concept]
+        lines.append(f"- {concept}: {_truth_line(rows)}")
+        p = probes[concept]
+        lines.append(f"  - probes: masked units {p['masked']:.3f}, as many random units {p['random']:.3f}, all units "
+                     f"{p['all']:.3f} (chance {p['chance']:.3f})")  # fmt: skip
+        units = sorted((r for r in summary if r["kind"] == "units"), key=lambda r: r["k"])
+        directions = {r["k"]: r for r in summary if r["kind"] == "directions"}
+        enough = next((r for r in units if r["concept_rate"] <= goal), None)
+        best = min(units, key=lambda r: r["concept_rate"])
+        lines.append(f"  - units: {enough['k']} per site bring the rate to {enough['concept_rate']:.3f} (preservation "
+                     f"{enough['preservation']:.3f})" if enough else
+                     f"  - units: none of k <= {units[-1]['k']} per site brings the rate to {goal:.2f} (lowest "
+                     f"{best['concept_rate']:.3f} at k {best['k']})")  # fmt: skip
+        if directions:
+            k = max(directions)
+            same = next((r for r in units if r["k"] == k), None)
+            lines.append(f"  - at an equal budget of {k} per site: directions {directions[k]['concept_rate']:.3f}, units "
+                         + (f"{same['concept_rate']:.3f}" if same else "not measured"))  # fmt: skip
+        ref = reference[concept]
+        lines.append(f"  - full eraser: concept rate {ref['concept_rate']:.3f}, preservation {ref['preservation']:.3f}")
+    return lines
+
+
+def _truth_line(rows: Sequence[Record]) -> str:
+    density = {r["site"]: r["mask_density"] for r in rows}
+    comps = [r["n_components"] for r in rows]
+    spectrum = f"components for 90% {min(comps):.0f}-{max(comps):.0f} of {len(comps)} sites' difference vectors"
+    written = [r for r in rows if r["planted_units"] not in (None, 0)]
+    if rows[0]["planted_family"] is None:
+        return f"natural; mask density {_mean(density.values()):.4f} (mean over sites); {spectrum}"
+    others = [density[r["site"]] for r in rows if r not in written]
+    line = (f"planted ({rows[0]['planted_family']}) at {len(written)} of {len(rows)} sites; mask density there "
+            f"{_mean(density[r['site']] for r in written):.4f} against a planted share of "
+            f"{_mean(r['planted_share'] for r in written):.4f}, elsewhere {_mean(others):.4f}")  # fmt: skip
+    recall = [r["top_unit_recall"] for r in written if r["top_unit_recall"] is not None]
+    if recall:
+        line += f"; difference energy ranks {_mean(recall):.3f} of the planted units first"
+    return f"{line}; {spectrum}"
+
+
+def _mean(values: Any) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")

@@ -91,3 +91,28 @@ def test_bad_input_is_rejected():
         effective_rank(torch.zeros(3))
     with pytest.raises(ValueError, match="method"):
         effective_rank(_rank3(), "entropy")
+
+
+def test_dimension_findings_read_the_truth_probes_and_the_smallest_k():
+    from acterase_interp.analysis import dimension_findings
+
+    truth = [{"concept": "heart", "site": f"{b}.ffn_hidden", "planted_family": "ffn_units", "planted_units": n,
+              "planted_share": n / 512, "mask_density": d, "top_unit_recall": r, "n_components": c}
+             for b, n, d, r, c in (("up.0.0", 32, 0.1, 0.75, 2), ("up.0.1", 32, 0.2, 0.25, 3), ("mid.0", 0, 0.05, None, 5))]  # fmt: skip
+    probes = {"heart": {"masked": 0.9, "random": 0.6, "all": 1.0, "chance": 0.5}}
+    subspace = {"heart": [{"kind": "units", "k": k, "concept_rate": rate, "preservation": 0.99}
+                          for k, rate in ((1, 0.9), (8, 0.3), (32, 0.05), (64, 0.0))]
+                + [{"kind": "directions", "k": 8, "concept_rate": 0.5, "preservation": 0.98}]}  # fmt: skip
+    lines = dimension_findings(truth, probes, subspace, {"heart": {"concept_rate": 0.0, "preservation": 0.97}})
+    assert lines[0] == ("- heart: planted (ffn_units) at 2 of 3 sites; mask density there 0.1500 against a planted share "
+                        "of 0.0625, elsewhere 0.0500; difference energy ranks 0.500 of the planted units first; "
+                        "components for 90% 2-5 of 3 sites' difference vectors")  # fmt: skip
+    assert "masked units 0.900, as many random units 0.600" in lines[1]
+    assert lines[2] == "  - units: 32 per site bring the rate to 0.050 (preservation 0.990)"
+    assert lines[3] == "  - at an equal budget of 8 per site: directions 0.500, units 0.300"
+    assert lines[4] == "  - full eraser: concept rate 0.000, preservation 0.970"
+    natural = [dict(r, planted_family=None, planted_units=None, top_unit_recall=None) for r in truth]
+    subspace["heart"] = [r for r in subspace["heart"] if r["kind"] == "units" and r["k"] <= 8]
+    lines = dimension_findings(natural, probes, subspace, {"heart": {"concept_rate": 0.0, "preservation": 0.97}})
+    assert lines[0].startswith("- heart: natural; mask density 0.1167 (mean over sites)")
+    assert lines[2] == "  - units: none of k <= 8 per site brings the rate to 0.10 (lowest 0.300 at k 8)"
