@@ -120,17 +120,19 @@ def test_worker_local_keeps_at_most_keep_objects_of_a_kind_least_recently_used_o
 
 
 def test_equal_evaluators_share_one_worker_cache_and_a_worker_keeps_few():
-    import pickle
-
     from acterase_interp import executor
     from acterase_interp.analysis.evaluation import EVALUATORS_KEPT
 
     model = Spec.of(load, "conceptworld")  # never built: evaluators resolve the model on first use
     classifier = Spec.of(ConceptClassifier.load, str(conceptworld_dir() / "classifier"))
     make = lambda prompts: Evaluator(model, classifier, "red", prompts, images_per_prompt=2)  # noqa: E731
-    a, b = pickle.loads(pickle.dumps(make(["a red circle"]))), pickle.loads(pickle.dumps(make(["a red circle"])))
+    def travel(evaluator):  # what unpickling on a worker runs: the evaluator's own __reduce__ recipe
+        rebuild, args = evaluator.__reduce__()
+        return rebuild(*args)
+
+    a, b = travel(make(["a red circle"])), travel(make(["a red circle"]))
     assert a is b  # same content, one worker-side copy with one baseline cache
-    assert pickle.loads(pickle.dumps(make(["a red square"]))) is not a
+    assert travel(make(["a red square"])) is not a
     for i in range(EVALUATORS_KEPT + 2):
-        pickle.loads(pickle.dumps(make([f"a red star {i}"])))
+        travel(make([f"a red star {i}"]))
     assert sum(k[0] == "evaluator" for k in executor._LOCAL if isinstance(k, tuple)) == EVALUATORS_KEPT

@@ -241,8 +241,9 @@ def causal_sweep(
             own = windows if windows is not None else _one_by_one(family, fits.get(family), blocks, loaded)
             for w in own if family in fits else ():
                 fits[family].sites_in(w)  # blocks outside the fit: a clear error before any cell runs
-            built = [at_layer(measure, w) if executor is not None else measure for w in own]
-            cells += [(m, w, s, meta) for m, w in zip(built, own) for s in steps]
+            for w in own:
+                m = at_layer(measure, w, executor)
+                cells += [(m, w, s, meta) for s in steps]
     rows = run_cells(_causal_cell, cells, executor, desc="causal sweep", progress=progress)
     return [_tidy(r) for r in rows]
 

@@ -226,10 +226,9 @@ def planted_dimension(statistics: FitStatistics, planted: Mapping[str, Any] | No
     Estimates: `mask_density` at `tau`; `top_unit_recall`, the share of the planted units among
     as many units ranked by difference energy (`subspace.top_units`' order; unit plantings only);
     `n_components` for 90% of the difference variance and the `participation_ratio`."""
-    _, ranks = difference_spectrum(statistics)
-    rank = {r["site"]: r for r in ranks}
-    masks = unit_masks(statistics.eraser(tau=tau))
     differences = statistics.difference_vectors()
+    rank = {r["site"]: r for r in spectrum_records(differences)[1]}
+    masks = unit_masks(statistics.eraser(tau=tau))
     family = planted["spec"]["family"] if planted else None
     rows = []
     for site in statistics.sites:

@@ -88,8 +88,10 @@ def causal_map(
         raise ValueError("causal_map needs at least one layer and one window")
     if executor is not None and hasattr(measure, "evaluator"):
         measure.evaluator.require_specs()
-    built = [at_layer(measure, layer) if executor is not None else measure for layer in layers]
-    cells = [(m, layer, tuple(w), meta) for m, layer in zip(built, layers) for w in windows]
+    cells = []
+    for layer in layers:
+        m = at_layer(measure, layer, executor)
+        cells += [(m, layer, tuple(w), meta) for w in windows]
     return run_cells(_causal_cell, cells, executor, desc="causal map", progress=progress)
 
 
@@ -273,11 +275,11 @@ class LayerMeasure:
         return dict(self.meta) | seed_summary(rows, self.direction)
 
 
-def at_layer(measure: Callable, layer: str | Sequence[str]) -> Callable:
-    """`measure.at(layer)` where the measure builds per layer (an `EraserMeasure`), else itself.
-    For cells that travel to workers: each layer's eraser is built once, here, and a cell pickles
-    that eraser instead of the fit's statistics (run serially, the measure builds it per cell)."""
-    return measure.at(layer) if isinstance(measure, EraserMeasure) else measure
+def at_layer(measure: Callable, layer: str | Sequence[str], executor: Executor | None) -> Callable:
+    """What a cell at `layer` carries: with an executor, `measure.at(layer)` where the measure
+    builds per layer (an `EraserMeasure`), so the cell pickles one layer's eraser, built once here,
+    instead of the fit's statistics; run serially, the measure itself (it builds per cell)."""
+    return measure.at(layer) if executor is not None and isinstance(measure, EraserMeasure) else measure
 
 
 def eraser_measure(

@@ -133,10 +133,14 @@ def tau_sweep(
     taus = list(taus) if taus is not None else tau_grid()
     fits = _by_seed(statistics, seeds)
     _check_executor(executor, evaluator=evaluator)
-    # a cell that travels to a worker carries its eraser, built here, not the fit's statistics
-    cells = [(fits[s].eraser(tau=tau, **overrides) if executor is not None else fits[s], evaluator, tau, s, overrides)
-             for tau in taus for s in fits]  # fmt: skip
+    cells = [(_carried(fits[s], tau, overrides, executor), evaluator, tau, s, overrides) for tau in taus for s in fits]
     return run_cells(_tau_cell, cells, executor, desc="tau sweep", progress=progress)
+
+
+def _carried(fit: FitStatistics, tau: float, overrides: dict, executor: Executor | None) -> FitStatistics | Eraser:
+    """What a tau cell carries: a cell that travels to a worker, its eraser built here (not the
+    fit's statistics); a serial one, the statistics (the eraser is built in the cell)."""
+    return fit.eraser(tau=tau, **overrides) if executor is not None else fit
 
 
 def _tau_cell(fit: FitStatistics | Eraser, evaluator: Evaluator, tau: float, seed: int, overrides: dict) -> Record:
@@ -244,8 +248,7 @@ def choice_ablation(
             options = replace(base, **{name: value})
             stats = done[(_fit_key(options), s)]
         overrides = {k: getattr(options, k) for k in _OVERRIDES}
-        sweep += [(stats.eraser(tau=tau, **overrides) if executor is not None else stats, evaluator, tau, s, overrides)
-                  for tau in taus]  # a worker gets the eraser, not the statistics (as in tau_sweep)
+        sweep += [(_carried(stats, tau, overrides, executor), evaluator, tau, s, overrides) for tau in taus]
         labels += [{"choice": name, "value": _label(value)}] * len(taus)
     results = run_cells(_tau_cell, sweep, executor, desc="choice ablation", progress=progress)
     rows: list[Record] = [{**label, **row} for label, row in zip(labels, results)]
