@@ -159,9 +159,10 @@ def _run_seed(model: Any, classifier: Any, concept: str, seed: int, spec: TableS
 
 
 def _cell_key(spec: TableSpec, steps: int, hashes: dict) -> str:
-    """What a finished (concept, seed) cell depends on besides its concept and seed: every
-    budget, the methods, the step count and the weights. A checkpoint with another key is stale."""
-    fields = {k: v for k, v in spec.to_dict().items() if k not in ("concepts", "seeds")}
+    """What a finished (concept, seed) cell depends on besides its concept, seed and methods: every
+    budget, the step count and the weights. A checkpoint with another key is stale. The methods are
+    not in it: a cell keeps one row per method, so a table with one more method measures only that one."""
+    fields = {k: v for k, v in spec.to_dict().items() if k not in ("concepts", "seeds", "methods")}
     return hashlib.sha256(json.dumps({"spec": fields, "steps": steps, **hashes}, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -170,14 +171,36 @@ def _cell_path(folder: Path, concept: str, seed: int) -> Path:
 
 
 def _run_cell(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int,
-              folder: Path | None, key: str) -> tuple[list[dict], dict]:
-    """`_run_seed`, then (with `folder`) its result written at once, so a stopped run resumes."""
+              folder: Path | None, key: str, kept: tuple[list[dict], dict] | None = None) -> tuple[list[dict], dict]:
+    """`_run_seed` for `spec.methods`, merged with the rows `kept` from an earlier run of the same
+    cell, then (with `folder`) written at once, so a stopped run resumes."""
     start, commit = time.perf_counter(), git_commit()  # the code this worker runs, read before the cell
     rows, record = _run_seed(model, classifier, concept, seed, spec, steps)
     record["seconds"], record["git_commit"] = time.perf_counter() - start, commit
+    record["runs"] = [{"methods": list(spec.methods), "seconds": record["seconds"], "git_commit": commit}]
+    if kept is not None:
+        rows, record = _merge(kept, rows, record)
     if folder is not None:
         write_cell(_cell_path(folder, concept, seed), key, rows, record)
     return rows, record
+
+
+def _merge(kept: tuple[list[dict], dict], rows: list[dict], record: dict) -> tuple[list[dict], dict]:
+    """An earlier run's rows of a cell beside new methods' rows. Both must have seen the same prompts;
+    `seconds` becomes the cell's total and `runs` lists what each run measured, at which commit."""
+    old_rows, old = kept
+    if old.get("prompt_hashes") != record.get("prompt_hashes") or old.get("pairs_hash") != record.get("pairs_hash"):
+        raise ValueError(f"the stored cell {record.get('concept')!r} seed {record.get('seed')} was measured on other "
+                         "prompts than this code draws; delete it (or choose another --out) to measure it again")  # fmt: skip
+    runs = old.get("runs") or [{"methods": [r["method"] for r in old_rows], "seconds": old.get("seconds"),
+                                "git_commit": old.get("git_commit")}]  # fmt: skip
+    merged = {**old, "seconds": (old.get("seconds") or 0.0) + record["seconds"], "runs": runs + record["runs"]}
+    return old_rows + rows, merged
+
+
+def _missing(methods: Sequence[str], cell: tuple[list[dict], dict] | None) -> tuple[str, ...]:
+    have = set() if cell is None else {r.get("method") for r in cell[0]}
+    return tuple(m for m in methods if m not in have)
 
 
 def write_cell(path: str | os.PathLike, key: str, rows: list[dict], record: dict) -> None:
@@ -326,8 +349,10 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
     the wall time on whichever worker ran the cell.
 
     With `checkpoints` (a folder), each finished (concept, seed) cell is written there as it ends,
-    and cells already there with the same budgets, methods and weights are read instead of run:
-    a stopped table resumes where it stopped. `manifest["resumed"]` lists the cells read back.
+    and cells already there with the same budgets and weights are read instead of run: a stopped
+    table resumes where it stopped, and a table with another method measures only that method
+    (its rows join the cell's). `manifest["resumed"]` lists the cells read back whole,
+    `manifest["resumed_methods"]` the methods read back from cells that were completed.
     Each cell read back must match the sha256 recorded for its rows (`read_cell`; `verify=False`
     skips the check)."""
     from ..demo import weights_hash
@@ -344,16 +369,19 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
               "classifier_hash": weights_hash(local_classifier)}  # fmt: skip
     key, folder = _cell_key(spec, steps, hashes), None if checkpoints is None else Path(checkpoints)
     order = [(c, s) for c in spec.concepts for s in spec.seeds]
-    done = {}
+    stored = {}
     if folder is not None:
-        done = {cs: cell for cs in order if (cell := read_cell(_cell_path(folder, *cs), key, verify=verify)) is not None}
-    todo = [cs for cs in order if cs not in done]
-    cells = [(model, classifier, c, s, spec, steps, folder, key) for c, s in todo]
+        stored = {cs: cell for cs in order if (cell := read_cell(_cell_path(folder, *cs), key, verify=verify)) is not None}
+    missing = {cs: _missing(spec.methods, stored.get(cs)) for cs in order}
+    todo = [cs for cs in order if missing[cs]]
+    cells = [(model, classifier, c, s, replace(spec, methods=missing[c, s]), steps, folder, key, stored.get((c, s)))
+             for c, s in todo]  # fmt: skip
     measured = dict(zip(todo, run_cells(_run_cell, cells, executor, desc="evaluate", progress=progress)))
     rows, records = [], []
     for cs in order:
-        r, rec = done.get(cs) or measured[cs]
-        rows += r
+        r, rec = measured.get(cs) or stored[cs]
+        by_method = {row["method"]: row for row in r}
+        rows += [by_method[m] for m in spec.methods]  # the table's methods, in its order
         records.append(rec)
     manifest = {
         "spec": spec.to_dict(),
@@ -365,7 +393,9 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
         "versions": library_versions(),
         "git_commit": commit,
         "executor": None if executor is None else type(executor).__name__,
-        "resumed": [{"concept": c, "seed": s} for c, s in done],
+        "resumed": [{"concept": c, "seed": s} for c, s in order if not missing[c, s]],
+        "resumed_methods": [{"concept": c, "seed": s, "methods": [m for m in spec.methods if m not in missing[c, s]]}
+                            for c, s in order if stored.get((c, s)) and missing[c, s]],  # fmt: skip
         "seconds": time.perf_counter() - start,
         "cell_seconds": sum(rec["seconds"] for rec in records),
     }

@@ -99,7 +99,7 @@ def test_the_table_on_worker_processes_equals_the_serial_run():
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]  # noqa: E731
     assert [(r["seed"], r["method"]) for r in parallel["rows"]] == [(0, "unerased"), (0, "negative_prompt"),
                                                                     (1, "unerased"), (1, "negative_prompt")]  # fmt: skip
-    records = lambda result: [{k: v for k, v in r.items() if k not in ("seconds", "git_commit")} for r in result["records"]]  # noqa: E731
+    records = lambda result: [{k: v for k, v in r.items() if k not in ("seconds", "git_commit", "runs")} for r in result["records"]]  # noqa: E731
     assert all(r["git_commit"] == parallel["manifest"]["git_commit"] for r in parallel["records"])
     assert strip(parallel["rows"]) == strip(serial["rows"]) and records(parallel) == records(serial)
     assert parallel["manifest"]["executor"] == "ProcessPoolExecutor" and serial["manifest"]["executor"] is None
@@ -129,6 +129,40 @@ def test_a_stopped_table_resumes_from_its_finished_cells(tmp_path, monkeypatch):
     ran.clear()  # other budgets: every cell is stale and measured again
     table.run_table(model, classifier, replace(spec, n_images=4), checkpoints=tmp_path, progress=False)
     assert len(ran) == 4
+
+
+def test_a_table_with_one_more_method_measures_only_that_method(tmp_path, monkeypatch):
+    from acterase_interp.evaluation import table
+    from acterase_interp.loading import CONCEPTWORLD, conceptworld_dir, load
+    from acterase_interp.world.classifier import ConceptClassifier
+
+    ran = []
+
+    def fake_cell(model, classifier, concept, seed, spec, steps):
+        ran.append((concept, seed, spec.methods))
+        rows = [{"concept": concept, "method": m, "seed": seed, "target_rate": len(m) / 10} for m in spec.methods]
+        return rows, {"concept": concept, "seed": seed, "prompt_hashes": {"target": "p"}, "pairs_hash": "q"}
+
+    monkeypatch.setattr(table, "_run_seed", fake_cell)
+    model, classifier = load("conceptworld"), ConceptClassifier.load(str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    spec = TableSpec(concepts=("red",), methods=("unerased", "uce"), seeds=(0, 1))
+    first = table.run_table(model, classifier, spec, checkpoints=tmp_path, progress=False)
+    ran.clear()
+    wider = table.run_table(model, classifier, replace(spec, methods=("unerased", "fia", "uce")), checkpoints=tmp_path,
+                            progress=False)  # fmt: skip
+    assert ran == [("red", 0, ("fia",)), ("red", 1, ("fia",))]
+    assert [(r["seed"], r["method"]) for r in wider["rows"]] == [(s, m) for s in (0, 1) for m in ("unerased", "fia", "uce")]
+    assert [r for r in wider["rows"] if r["method"] != "fia"] == first["rows"]
+    assert wider["manifest"]["resumed"] == [] and wider["manifest"]["resumed_methods"] == [
+        {"concept": "red", "seed": s, "methods": ["unerased", "uce"]} for s in (0, 1)]
+    assert [[run["methods"] for run in rec["runs"]] for rec in wider["records"]] == [[["unerased", "uce"], ["fia"]]] * 2
+    ran.clear()  # everything is stored now, and a narrower table reads its methods back
+    narrow = table.run_table(model, classifier, replace(spec, methods=("fia",)), checkpoints=tmp_path, progress=False)
+    assert ran == [] and [r["method"] for r in narrow["rows"]] == ["fia", "fia"] and len(narrow["manifest"]["resumed"]) == 2
+    drawn_elsewhere = lambda *a: (fake_cell(*a)[0], {"prompt_hashes": {"target": "other"}, "pairs_hash": "q"})  # noqa: E731
+    monkeypatch.setattr(table, "_run_seed", drawn_elsewhere)  # rows on other prompts must not join a cell
+    with pytest.raises(ValueError, match="other prompts"):
+        table.run_table(model, classifier, replace(spec, methods=("sld",)), checkpoints=tmp_path, progress=False)
 
 
 def _summary_row(concept, method, rate, kept, sem=0.01):
