@@ -17,7 +17,7 @@ here, and so does a `Method` subclass that is not registered. For each one:
 
 Erasers (`ERASER_BUILDERS`: every way the package makes one: fitted under each mask option,
 per-step masks and values, token masks, z-score, restore values, saturated, merged, hand-made over
-input/output/UNet-output sites, text-encoder sites, and the analysis `SubspacePatch`) pass 2-3 under
+input/output/UNet-output sites, text-encoder sites, the analysis `SubspacePatch` and the gated eraser) pass 2-3 under
 `applied` and under the nnsight trace path (`patch_in_trace`), and 4 by save / load to tmp_path.
 """
 
@@ -39,10 +39,11 @@ from torch.nn.modules import module as torch_module
 from tests.conftest import traced_images
 
 from acterase_interp.analysis.subspace import SubspacePatch
-from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, merge
+from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, GatedEraser, fit_gated, merge
 from acterase_interp.evaluation.baselines import (
     FIA,
     METHODS,
+    GatedKV,
     SLD,
     UCE,
     ActErase,
@@ -74,6 +75,7 @@ METHOD_BUILDERS: dict[str, tuple[str, Callable[[], Method]]] = {
     "esd_x": ("esd_x", lambda: ESDx(steps=1, batch=1, images_per_prompt=1, num_inference_steps=STEPS, lr=1e-2)),
     "fia": ("fia", lambda: FIA(r2=0.05, num_inference_steps=STEPS)),
     "casteer": ("casteer", lambda: CASteer(num_inference_steps=STEPS)),
+    "gated_kv": ("gated_kv", lambda: GatedKV()),
 }  # fmt: skip
 """Case id -> (registry name, a method at the tiny budget). Every registry name needs one."""
 
@@ -353,6 +355,7 @@ ERASER_BUILDERS: dict[str, Callable[[_Fits], Any]] = {
     "subspace_directions": lambda f: SubspacePatch.from_statistics(f.base, k=2, kind="directions"),
     "subspace_units": lambda f: SubspacePatch.from_statistics(f.base, k=16, kind="units"),
     "subspace_first_step": lambda f: _Windowed(SubspacePatch.from_statistics(f.base, k=2, kind="directions")),
+    "gated_kv": lambda f: fit_gated(f.model, f.pairs),
 }  # fmt: skip
 """Every kind of eraser or erasing patch the package makes, at the tiny budget."""
 
@@ -410,18 +413,18 @@ def test_eraser_trace_path_conforms(world, erasers, erased_images, kind):
 
 @pytest.mark.parametrize("kind", list(ERASER_BUILDERS))
 def test_eraser_save_load_round_trip(world, erasers, erased_images, tmp_path, kind):
-    """(4) Every `Eraser` saves to a folder and loads back to the same images bit for bit. The
+    """(4) Every `Eraser` and `GatedEraser` saves to a folder and loads back to the same images bit for bit. The
     analysis `SubspacePatch` has no artifact format (it is rebuilt from saved fit statistics)."""
     model, patch = world.model, erasers(kind)
-    if not isinstance(patch, Eraser):
+    if not isinstance(patch, (Eraser, GatedEraser)):
         assert not _saves(patch), "a patch that now saves: round-trip it here"
         pytest.skip(f"{type(patch).__name__} has no artifact format")
     patch.save(tmp_path / "eraser")
-    back = Eraser.load(tmp_path / "eraser", model=model)
+    back = type(patch).load(tmp_path / "eraser", model=model)
     assert back.sites == patch.sites and back.manifest == patch.manifest
-    assert back.masks.keys() == patch.masks.keys() and back.values.keys() == patch.values.keys()
-    for n in patch.masks:
-        assert torch.equal(back.masks[n], patch.masks[n]) and torch.equal(back.values[n], patch.values[n])
+    for part in ("masks", "values") if isinstance(patch, Eraser) else ("basis", "benign", "direction", "threshold"):
+        mine, theirs = getattr(patch, part), getattr(back, part)
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[n], theirs[n]) for n in mine)
     with back.applied(model):
         loaded = _images(model, world.prompts)
     if kind not in erased_images:  # this test run alone

@@ -10,9 +10,10 @@
 
 from .eraser import Eraser
 from .fit import EraserFitter
+from .gated import GatedEraser, fit_gated
 from .merge import merge
 from .options import EraseOptions
 from .pairs import PromptPairs
 from .statistics import FitStatistics
 
-__all__ = ["EraseOptions", "Eraser", "EraserFitter", "FitStatistics", "PromptPairs", "merge"]
+__all__ = ["EraseOptions", "Eraser", "EraserFitter", "FitStatistics", "GatedEraser", "PromptPairs", "fit_gated", "merge"]

@@ -56,6 +56,7 @@ from diffusers import FluxPipeline
 
 from ..erase.eraser import Eraser
 from ..erase.fit import EraserFitter
+from ..erase.gated import fit_gated
 from ..erase.options import EraseOptions
 from ..erase.pairs import PromptPairs
 from ..erase.select import choose_tau
@@ -111,6 +112,26 @@ class ActErase(Method):
     def describe(self) -> dict:
         return {"name": self.name, "tau": self.tau, "chosen_tau": getattr(self, "chosen_tau_", None),
                 "tau_search_s": getattr(self, "tau_search_seconds_", None), "options": self.options.to_dict()}  # fmt: skip
+
+
+class GatedKV(Method):
+    """The gated subspace eraser (`erase.gated`), beyond the paper: at every cross-attention key
+    and value, the tokens that pass a gate calibrated on the sources get their rank-`rank` concept
+    subspace replaced by the benign coordinates. Not a baseline: the project's own extension."""
+
+    name = "gated_kv"
+
+    def __init__(self, rank: int = 4, margin: float = 0.0) -> None:
+        self.rank, self.margin = rank, margin
+
+    def _fit(self, model: Any, pairs: PromptPairs) -> None:
+        super()._fit(model, pairs)
+        self.eraser_ = fit_gated(model, pairs, rank=self.rank, margin=self.margin)
+
+    @contextmanager
+    def _erased(self, model: Any) -> Iterator[None]:
+        with self.eraser_.applied(model):
+            yield
 
 
 class NegativePrompt(Method):
@@ -228,10 +249,10 @@ def _decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
 
 METHODS: dict[str, Callable[..., Method]] = {
     "unerased": Unerased, "acterase": ActErase, "negative_prompt": NegativePrompt, "sld": SLD, "uce": UCE,
-    "concept_prune": ConceptPrune, "esd_x": ESDx, "fia": FIA, "casteer": CASteer,
+    "concept_prune": ConceptPrune, "esd_x": ESDx, "fia": FIA, "casteer": CASteer, "gated_kv": GatedKV,
 }  # fmt: skip
 """Method name -> class, as `acterase evaluate --methods` names them."""
 
 
-__all__ = ["FIA", "METHODS", "SLD", "UCE", "ActErase", "CASteer", "ConceptPrune", "ESDx", "Method", "NegativePrompt",
+__all__ = ["FIA", "METHODS", "SLD", "UCE", "ActErase", "CASteer", "ConceptPrune", "ESDx", "GatedKV", "Method", "NegativePrompt",
            "SLDConfig", "Sampler", "Unerased", "WeightEdit", "sld_sample"]  # fmt: skip

@@ -1,0 +1,101 @@
+"""The gated subspace eraser (`erase.gated`): its pieces against hand computations, and on
+ConceptWorld the two promises of the gate (a prompt whose tokens never pass it is bit-identical to
+the unerased model; a target prompt changes). Both engines, hooks and nnsight, and the save/load
+round trip are in tests/test_conformance.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from acterase_interp.erase import GatedEraser, fit_gated
+from acterase_interp.erase.gated import MANIFEST, TENSORS, concept_tokens
+from acterase_interp.generation import generate
+from acterase_interp.integrity import ArtifactError
+from acterase_interp.sites import Site
+from acterase_interp.world.pairs import conceptworld_pairs
+
+
+def test_concept_tokens_are_the_targets_tokens_its_source_replaces():
+    assert concept_tokens([1, 2, 3, 4], [1, 5, 3, 4]) == [([1], [1])]
+    assert concept_tokens([1, 2, 7, 3, 0], [1, 5, 3, 0, 0]) == [([1, 2], [1])]  # two tokens for one
+    assert concept_tokens([1, 2, 3], [1, 3, 0]) == [([1], [])]  # deleted: no counterpart (the fit skips it)
+    assert concept_tokens([1, 3], [1, 2, 3]) == []  # the source only inserts: no target token to erase
+    assert concept_tokens([4, 5], [4, 5]) == []
+
+
+def _toy(threshold: float) -> GatedEraser:
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(6, 2, generator=g)).Q
+    site = Site("b.attn2_v", "attn2_v", "b", "b.attn2.to_v", "output", None, (3, 6))
+    return GatedEraser((site,), {site.name: basis}, {site.name: torch.tensor([0.5, -1.0])},
+                       {site.name: torch.tensor([1.0, 0.0])}, {site.name: torch.tensor(threshold)},
+                       {"architecture_hash": "toy"})  # fmt: skip
+
+
+def test_the_edit_equals_a_hand_computation_where_the_gate_passes_and_nothing_elsewhere():
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1))
+    closed = _toy(float("inf"))
+    assert closed("b.attn2_v", x) is x  # nothing passes: the input itself
+    q = closed.basis["b.attn2_v"]
+    coords = x @ q - torch.tensor([0.5, -1.0])
+    by_hand = x - coords @ q.T
+    assert torch.allclose(_toy(float("-inf"))("b.attn2_v", x), by_hand, atol=1e-6)
+    assert torch.allclose(by_hand @ q, torch.tensor([0.5, -1.0]).expand(2, 3, 2), atol=1e-5)  # coordinates set to c
+    half = _toy(0.0)
+    gate = coords[..., 0] > 0
+    assert torch.equal(half.gate("b.attn2_v", x), gate) and gate.any() and not gate.all()
+    out = half("b.attn2_v", x)
+    assert torch.equal(out[~gate], x[~gate]) and torch.allclose(out[gate], by_hand[gate], atol=1e-6)
+    with pytest.raises(KeyError, match="no site"):
+        half("other.attn2_v", x)
+
+
+def test_bad_options_and_shapes_are_refused(conceptworld):
+    pairs = conceptworld_pairs("triangle", n=2)
+    with pytest.raises(ValueError, match="rank"):
+        fit_gated(conceptworld, pairs, rank=0)
+    with pytest.raises(ValueError, match="margin"):
+        fit_gated(conceptworld, pairs, margin=1.0)
+    with pytest.raises(ValueError, match="no sites"):
+        fit_gated(conceptworld, pairs, kinds=())
+    toy = _toy(0.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        GatedEraser(toy.sites, toy.basis, {"b.attn2_v": torch.zeros(3)}, toy.direction, toy.threshold, toy.manifest)
+
+
+@pytest.fixture(scope="module")
+def triangle(conceptworld):
+    pairs = conceptworld_pairs("triangle", n=4)
+    return pairs, fit_gated(conceptworld, pairs)
+
+
+def test_sources_never_pass_the_gate_and_stay_bit_identical_while_targets_change(conceptworld, triangle):
+    pairs, eraser = triangle
+    prompts = [pairs.sources[0], pairs.sources[1], pairs.targets[0]]
+    plain = generate(conceptworld, prompts, seeds=0, num_inference_steps=4, progress=False)
+    with eraser.applied(conceptworld):
+        erased = generate(conceptworld, prompts, seeds=0, num_inference_steps=4, progress=False)
+    assert torch.equal(erased[:2], plain[:2])  # calibrated on them: no source token passes
+    assert (erased[2] - plain[2]).abs().max() > 1e-2
+    assert len(eraser.sites) == 14 and eraser.manifest["concept_tokens"] >= 4
+
+
+def test_a_tampered_or_foreign_artifact_is_refused(conceptworld, triangle, tmp_path):
+    _, eraser = triangle
+    eraser.save(tmp_path / "e")
+    manifest = json.loads((tmp_path / "e" / MANIFEST).read_text())
+    manifest["architecture_hash"] = "another"
+    (tmp_path / "e" / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="architecture hash"):
+        GatedEraser.load(tmp_path / "e", model=conceptworld)
+    eraser.save(tmp_path / "f")
+    data = bytearray((tmp_path / "f" / TENSORS).read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "f" / TENSORS).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError):
+        GatedEraser.load(tmp_path / "f")
+    with pytest.raises(FileNotFoundError, match="no gated eraser"):
+        GatedEraser.load(tmp_path / "missing")
