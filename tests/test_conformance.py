@@ -75,7 +75,8 @@ METHOD_BUILDERS: dict[str, tuple[str, Callable[[], Method]]] = {
     "esd_x": ("esd_x", lambda: ESDx(steps=1, batch=1, images_per_prompt=1, num_inference_steps=STEPS, lr=1e-2)),
     "fia": ("fia", lambda: FIA(r2=0.05, num_inference_steps=STEPS)),
     "casteer": ("casteer", lambda: CASteer(num_inference_steps=STEPS)),
-    "gated_kv": ("gated_kv", lambda: GatedKV()),
+    "gated_kv": ("gated_kv", lambda: GatedKV(scope="token")),
+    "gated_kv_prompt": ("gated_kv", lambda: GatedKV(scope="prompt")),
 }  # fmt: skip
 """Case id -> (registry name, a method at the tiny budget). Every registry name needs one."""
 

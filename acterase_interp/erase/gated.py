@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +42,15 @@ from ..provenance import library_versions
 from ..sites import Site, is_dit
 from ._util import model_sites, site_from_dict, site_to_dict
 from .pairs import PromptPairs
+from .select import SELECT_SEED_OFFSET
 
 FORMAT = "acterase-gated-eraser/1"
 MANIFEST = "gated_eraser.json"
 TENSORS = "gates.safetensors"
 KINDS = ("attn2_k", "attn2_v")
 PARTS = ("basis", "benign", "direction", "threshold")
+SCOPES = ("token", "prompt")
+"""What a passed gate edits: the token rows that pass, or every token row of a prompt with one that passes."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,6 +97,8 @@ class GatedEraser:
         gate, coords, basis = self._gated(site_name, tokens)
         if not gate.any():
             return x
+        if self.manifest.get("scope") == "prompt":  # a prompt that names the concept: every token of it
+            gate = gate.any(-1, keepdim=True).expand_as(gate)
         edited = tokens - coords @ basis.T
         return from_tokens(torch.where(gate.unsqueeze(-1), edited, tokens), x.shape)
 
@@ -183,7 +188,7 @@ def _site_rows(model: Any, prompts: Sequence[str], sites: Sequence[Site]) -> dic
 
 
 def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, rank: int = 4,
-              margin: float = 0.0) -> GatedEraser:  # fmt: skip
+              margin: float = 0.0, scope: str = "token") -> GatedEraser:  # fmt: skip
     """The gated eraser of `pairs` at every site of `kinds` (see the module docstring); `rank` is
     the subspace dimension, `margin` in [0, 1) moves the threshold from the largest source score
     towards the smallest concept-token score."""
@@ -191,6 +196,8 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
 
     if rank < 1:
         raise ValueError(f"rank must be at least 1, got {rank}")
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not 0.0 <= margin < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}")
     if is_dit(unet_of(model)):
@@ -221,9 +228,33 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
         for p, v in zip(PARTS, (basis, benign, direction, threshold)):
             parts[p][site.name] = v.detach().clone()
     manifest = {"architecture_hash": architecture_hash(model.pipeline), "concept": pairs.concept,
-                "kinds": list(kinds), "rank": rank, "margin": margin, "n_pairs": len(pairs.targets),
+                "kinds": list(kinds), "rank": rank, "margin": margin, "scope": scope, "n_pairs": len(pairs.targets),
                 "concept_tokens": sum(len(t) for t, _, _ in spans), "versions": library_versions()}  # fmt: skip
     return GatedEraser(tuple(sites), manifest=manifest, **parts)
 
 
-__all__ = ["GatedEraser", "concept_tokens", "fit_gated"]
+def with_scope(eraser: GatedEraser, scope: str) -> GatedEraser:
+    """The same gates with another `scope` (`SCOPES`)."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    parts = {p: getattr(eraser, p) for p in PARTS}
+    return GatedEraser(eraser.sites, manifest={**eraser.manifest, "scope": scope}, **parts)
+
+
+def choose_scope(model: Any, eraser: GatedEraser, pairs: PromptPairs, shows_concept: Callable[[torch.Tensor], torch.Tensor],
+                 *, seed: int = 0, num_inference_steps: int | None = None) -> tuple[GatedEraser, dict[str, float]]:  # fmt: skip
+    """The scope whose eraser leaves the concept in the fewest of the fit targets' images (seeds
+    as `choose_tau`'s: the fit side only), "token" on a tie (the lighter edit); with each scope's rate."""
+    from ..generation import generate
+
+    seeds = [seed + SELECT_SEED_OFFSET + k for k in range(len(pairs.targets))]
+    rates = {}
+    for scope in SCOPES:
+        with with_scope(eraser, scope).applied(model):
+            images = generate(model, list(pairs.targets), seeds=seeds, num_inference_steps=num_inference_steps, progress=False)
+        rates[scope] = float(shows_concept(images).sum()) / len(images)
+    best = min(SCOPES, key=lambda scope: rates[scope])  # min keeps the first of equals: "token"
+    return with_scope(eraser, best), rates
+
+
+__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "with_scope"]

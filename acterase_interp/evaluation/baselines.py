@@ -56,7 +56,7 @@ from diffusers import FluxPipeline
 
 from ..erase.eraser import Eraser
 from ..erase.fit import EraserFitter
-from ..erase.gated import fit_gated
+from ..erase.gated import SCOPES, choose_scope, fit_gated, with_scope
 from ..erase.options import EraseOptions
 from ..erase.pairs import PromptPairs
 from ..erase.select import choose_tau
@@ -117,21 +117,39 @@ class ActErase(Method):
 class GatedKV(Method):
     """The gated subspace eraser (`erase.gated`), beyond the paper: at every cross-attention key
     and value, the tokens that pass a gate calibrated on the sources get their rank-`rank` concept
-    subspace replaced by the benign coordinates. Not a baseline: the project's own extension."""
+    subspace set to the benign coordinates. `scope="auto"` edits either the passing tokens or every
+    token of a prompt with one, whichever leaves fewer fit targets showing the concept (read by
+    `shows_concept`, as ActErase's automatic tau). Not a baseline: the project's own extension."""
 
     name = "gated_kv"
 
-    def __init__(self, rank: int = 4, margin: float = 0.0) -> None:
-        self.rank, self.margin = rank, margin
+    def __init__(self, rank: int = 4, margin: float = 0.0, scope: str = "auto",
+                 shows_concept: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+                 num_inference_steps: int | None = None, seed: int = 0) -> None:  # fmt: skip
+        if scope != "auto" and scope not in SCOPES:
+            raise ValueError(f"scope must be 'auto' or one of {SCOPES}, got {scope!r}")
+        self.rank, self.margin, self.scope, self.shows_concept = rank, margin, scope, shows_concept
+        self.num_inference_steps, self.seed = num_inference_steps, seed
 
     def _fit(self, model: Any, pairs: PromptPairs) -> None:
         super()._fit(model, pairs)
-        self.eraser_ = fit_gated(model, pairs, rank=self.rank, margin=self.margin)
+        if self.scope == "auto" and self.shows_concept is None:
+            raise ValueError("scope='auto' needs shows_concept (e.g. ConceptClassifier.shows) to judge the fit targets")
+        eraser = fit_gated(model, pairs, rank=self.rank, margin=self.margin, scope="token")
+        self.scope_rates_ = None
+        if self.scope == "auto":
+            eraser, self.scope_rates_ = choose_scope(model, eraser, pairs, lambda x: self.shows_concept(x, pairs.concept),
+                                                     seed=self.seed, num_inference_steps=self.num_inference_steps)  # fmt: skip
+        self.eraser_ = with_scope(eraser, eraser.manifest["scope"] if self.scope == "auto" else self.scope)
 
     @contextmanager
     def _erased(self, model: Any) -> Iterator[None]:
         with self.eraser_.applied(model):
             yield
+
+    def describe(self) -> dict:
+        return {**super().describe(), "chosen_scope": getattr(self, "eraser_", None) and self.eraser_.manifest["scope"],
+                "scope_rates": getattr(self, "scope_rates_", None)}  # fmt: skip
 
 
 class NegativePrompt(Method):

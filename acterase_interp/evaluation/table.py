@@ -43,7 +43,7 @@ from ..world.captions import WORDS
 from ..world.pairs import concepts as known_concepts
 from ..world.pairs import conceptworld_pairs
 from .attacks import concept_inversion, prompt_search
-from .baselines import METHODS, ActErase, ConceptPrune, ESDx, Method, Unerased
+from .baselines import METHODS, ActErase, ConceptPrune, ESDx, GatedKV, Method, Unerased
 from .core import SEED_OFFSETS, image_seeds, preservation
 from .prompts import conceptworld_prompt_sets
 
@@ -106,6 +106,8 @@ def _method(name: str, spec: TableSpec, classifier: Any, steps: int, seed: int) 
         return ESDx(steps=spec.esd_steps, num_inference_steps=steps, seed=seed)
     if name == "concept_prune":
         return ConceptPrune(top_fraction=spec.prune_top_fraction, num_inference_steps=steps, seed=seed)
+    if name == "gated_kv":
+        return GatedKV(shows_concept=classifier.shows, num_inference_steps=steps, seed=seed)
     if name in ("fia", "casteer"):
         return METHODS[name](num_inference_steps=steps, seed=seed)
     return METHODS[name]()  # the rest take no options

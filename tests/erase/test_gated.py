@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from acterase_interp.erase import GatedEraser, fit_gated
-from acterase_interp.erase.gated import MANIFEST, TENSORS, concept_tokens
+from acterase_interp.erase.gated import MANIFEST, TENSORS, choose_scope, concept_tokens, with_scope
 from acterase_interp.generation import generate
 from acterase_interp.integrity import ArtifactError
 from acterase_interp.sites import Site
@@ -99,3 +99,33 @@ def test_a_tampered_or_foreign_artifact_is_refused(conceptworld, triangle, tmp_p
         GatedEraser.load(tmp_path / "f")
     with pytest.raises(FileNotFoundError, match="no gated eraser"):
         GatedEraser.load(tmp_path / "missing")
+
+
+def test_the_scope_is_chosen_on_the_fit_targets_with_ties_going_to_the_lighter_edit(conceptworld, triangle):
+    pairs, eraser = triangle
+    calls = []
+
+    def always(images):  # every image shows the concept under both scopes: a tie
+        calls.append(len(images))
+        return torch.ones(len(images), dtype=torch.bool)
+
+    chosen, rates = choose_scope(conceptworld, eraser, pairs, always, num_inference_steps=2)
+    assert chosen.manifest["scope"] == "token" and rates == {"token": 1.0, "prompt": 1.0} and calls == [4, 4]
+    first = iter([True, False])  # the token scope leaves the concept, the prompt scope does not
+    reader = lambda images: torch.full((len(images),), next(first))  # noqa: E731
+    chosen, rates = choose_scope(conceptworld, eraser, pairs, reader, num_inference_steps=2)
+    assert chosen.manifest["scope"] == "prompt" and rates == {"token": 1.0, "prompt": 0.0}
+    assert all(torch.equal(chosen.basis[n], eraser.basis[n]) for n in eraser.basis)  # the same gates
+    with pytest.raises(ValueError, match="scope"):
+        with_scope(eraser, "everything")
+
+
+def test_the_prompt_scope_edits_every_token_of_a_prompt_with_one_that_passes():
+    x = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(2))  # one token of the first prompt passes
+    token = _toy(0.0)
+    prompt = with_scope(token, "prompt")
+    gate = token.gate("b.attn2_v", x)
+    rows = gate.any(-1)
+    assert gate.sum() == 1 and rows.tolist() == [True, False]
+    out, everywhere = prompt("b.attn2_v", x), _toy(float("-inf"))("b.attn2_v", x)
+    assert torch.equal(out[rows], everywhere[rows]) and torch.equal(out[~rows], x[~rows])
