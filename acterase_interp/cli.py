@@ -148,6 +148,9 @@ def _demo_parser(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--all-units", action="store_true",
                       help="patch every unit of the chosen sites: the ceiling of any --tau")
     demo.add_argument("--strict", action="store_true", help="exit with 1 when a bar fails")
+    demo.add_argument("--eraser", choices=("acterase", "gated_kv"), default="acterase",
+                      help="acterase (the paper's, default) or gated_kv (the gated subspace eraser at the "
+                           "cross-attention keys and values, beyond the paper)")  # fmt: skip
     _add_erase_options(demo)
 
 
@@ -256,7 +259,7 @@ def _demo(args: argparse.Namespace) -> int:
         chosen["beside"] = None if args.beside.lower() == "none" else args.beside
     result = run_demo(**chosen, out_dir=args.out, model=args.model, n_pairs=args.n_pairs,
                       anchor=args.anchor, all_units=args.all_units, n_images=args.n_images, seed=args.seed,
-                      num_inference_steps=args.steps, **_given_options(args))  # fmt: skip
+                      num_inference_steps=args.steps, eraser=args.eraser, **_given_options(args))  # fmt: skip
     print("all bars passed" if result["passed"] else "some bars failed")
     return BARS_FAILED if args.strict and not result["passed"] else 0
 

@@ -126,9 +126,9 @@ def _table(results: dict) -> list[dict]:
     rows += [
         {"measure": "non-target same-seed distance (mean abs. pixel)", "before": "", "after": f"{d['mean']:.4f}",
          "after/before": ""},
-        {"measure": "tau" + (" (auto: chosen on the fit pairs)" if results["tau_choice"] else ""), "before": "",
-         "after": str(results["options"]["tau"]) if not results["all_units"] else "every unit", "after/before": ""},
-        {"measure": "fit time (s)" + (", with tau choice" if results["tau_choice"] else ""), "before": "",
+        _setting_row(results),
+        {"measure": "fit time (s)" + (", with tau choice" if results["tau_choice"] else "")
+                    + (", with scope choice" if results["options"] is None else ""), "before": "",
          "after": f"{tm['fit_s']:.1f}", "after/before": ""},
         # one run per side, in a fixed order: no ratio (benchmarks/ measures the overhead fairly)
         {"measure": "generation time per image (s; one run each, see benchmarks/ for the overhead)",
@@ -136,6 +136,16 @@ def _table(results: dict) -> list[dict]:
          "after/before": ""},
     ]  # fmt: skip
     return rows
+
+
+def _setting_row(results: dict) -> dict:
+    """The eraser's one chosen setting: ActErase's tau, or the gated eraser's scope."""
+    if results["options"] is None:
+        return {"measure": "scope (chosen on the fit pairs)", "before": "", "after": results["eraser"]["chosen_scope"],
+                "after/before": ""}  # fmt: skip
+    tau = str(results["options"]["tau"]) if not results["all_units"] else "every unit"
+    return {"measure": "tau" + (" (auto: chosen on the fit pairs)" if results["tau_choice"] else ""), "before": "",
+            "after": tau, "after/before": ""}  # fmt: skip
 
 
 def _fmt(value: float | None) -> str:
@@ -175,13 +185,17 @@ def _labels(preds: dict[str, list[str]], factor: str, tag: str) -> list[str]:
     return [f"{tag}: {v}" for v in preds[factor]]
 
 
+ERASERS = ("acterase", "gated_kv")
+_ERASER_TITLES = {"acterase": "ActErase", "gated_kv": "the gated subspace eraser (beyond the paper)"}
+
+
 def _write_report(out: Path, results: dict, groups: list[PromptSet], images: dict, preds: dict) -> Path:
     factor = results["factor"]
     planted = results["planted"]
     where = (f" It was planted in the {planted['spec']['family']} weights of {', '.join(planted['blocks'])}."
              if planted else " It is a natural concept (not planted).")  # fmt: skip
     sections: list = [
-        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with ActErase.{where} "
+        ("Summary", f"Erasing **{results['concept']}** ({factor}) from ConceptWorld with {_ERASER_TITLES[results['eraser']['name']]}.{where} "
                     "The same seeds "
                     "without and with the eraser; tiles are labelled with the classifier's reading of the "
                     f"{factor}.\n\n" + format_bars(results["bars"], bullet="- ")),
@@ -286,6 +300,15 @@ def _fit(model, concept: Concept, n_pairs: int, seed: int, anchor: str | None, t
     return pairs, eraser, fit_s, choice, fitter.statistics
 
 
+def _fit_gated(model, concept: Concept, n_pairs: int, seed: int, anchor: str | None, classifier, steps: int):
+    """(pairs, the fitted `GatedKV` method, fit seconds with its scope choice)."""
+    from .evaluation.baselines import GatedKV
+
+    pairs = conceptworld_pairs(concept, n=n_pairs, seed=seed, anchor=anchor)
+    method = GatedKV(shows_concept=classifier.shows, num_inference_steps=steps, seed=seed).fit(model, pairs)
+    return pairs, method, method.fit_seconds_
+
+
 def _beside(model, concept: Concept, classifier, n_pairs: int, n_images: int, seed: int, steps: int, guidance: float,
             tau: float | str, progress: bool, options: dict) -> dict:  # fmt: skip
     """A natural concept under the same recipe, under every FFN unit replaced, and under every
@@ -326,6 +349,7 @@ def run_demo(
     progress: bool = True,
     tau: float | str = AUTO,
     beside: str | Concept | None = DEFAULT_BESIDE,
+    eraser: str = "acterase",
     **options: Any,
 ) -> dict:
     """Erase a ConceptWorld `concept` (default: the heart planted in 32 FFN units of two blocks) and
@@ -339,10 +363,16 @@ def run_demo(
     sources (see `conceptworld_pairs`). `all_units` patches every unit of the fitted sites
     (`Eraser.saturated`: the ceiling of any tau). `beside` names a natural concept reported under
     the same recipe and the two ceilings (`results["beside"]`; None or the concept itself skips it).
-    `n_images` is per group."""
+    `n_images` is per group. `eraser="gated_kv"` fits the gated subspace eraser instead
+    (`erase.gated`, its scope chosen on the fit targets; no tau, no erase options, no `beside`)."""
     concept, beside = (None if c is None else as_concept(c) for c in (concept, beside))  # before the model loads
     if n_images < 1 or n_pairs < 1:
         raise ValueError(f"n_images and n_pairs must be at least 1, got {n_images} and {n_pairs}")
+    if eraser not in ERASERS:
+        raise ValueError(f"eraser must be one of {ERASERS}, got {eraser!r}")
+    gated = eraser == "gated_kv"
+    if gated and (options or all_units or tau != AUTO):
+        raise ValueError("the gated eraser takes no tau, --all-units or erase options; it chooses its scope itself")
     if tau != AUTO:
         check_tau(tau, options.get("tau_mode", "fraction"))
     start = time.perf_counter()
@@ -354,9 +384,15 @@ def run_demo(
     steps = num_inference_steps or model.defaults.num_inference_steps
     guidance = model.defaults.guidance_scale
     options = {**options, "num_inference_steps": steps, "guidance_scale": guidance}
-    pairs, eraser, fit_s, choice, stats = _fit(model, concept, n_pairs, seed, anchor, tau, classifier, progress, **options)
-    eraser = eraser.saturated() if all_units else eraser
-    eraser.save(out / "eraser", statistics=stats)  # the statistics beside it: re-threshold without the model
+    if gated:
+        pairs, fitted, fit_s = _fit_gated(model, concept, n_pairs, seed, anchor, classifier, steps)
+        choice, eraser = None, fitted.eraser_
+        eraser.save(out / "eraser")
+    else:
+        pairs, eraser, fit_s, choice, stats = _fit(model, concept, n_pairs, seed, anchor, tau, classifier, progress,
+                                                   **options)  # fmt: skip
+        eraser = eraser.saturated() if all_units else eraser
+        eraser.save(out / "eraser", statistics=stats)  # the statistics beside it: re-threshold without the model
 
     ev = _evaluation(model, concept, pairs, n_images, seed, steps, guidance, progress)
     images, preds, seeds_by_group, gen_after_s = _erased(model, ev, eraser, classifier, steps, guidance, progress)
@@ -371,8 +407,9 @@ def run_demo(
             "generate_s_per_image_unpatched": ev.before_s / len(prompts),
             "generate_s_per_image_patched": gen_after_s / len(prompts),
         },
-        "mask_density": eraser.mask_density(),
-        "options": eraser_options(eraser).to_dict(),
+        "eraser": fitted.describe() if gated else {"name": "acterase"},
+        "mask_density": None if gated else eraser.mask_density(),
+        "options": None if gated else eraser_options(eraser).to_dict(),
         "tau_choice": choice and choice.to_dict(),
         "all_units": all_units,
         "generation": {"num_inference_steps": steps, "guidance_scale": guidance, "n_images_per_group": n_images},
@@ -391,7 +428,7 @@ def run_demo(
     }
     bars = check_bars(results)
     results["bars"], results["passed"] = [b.to_dict() for b in bars], all(b.passed for b in bars)
-    use_beside = beside is not None and beside != concept
+    use_beside = beside is not None and beside != concept and not gated
     results["beside"] = (_beside(model, beside, classifier, n_pairs, n_images, seed, steps, guidance, tau, progress,
                                  {k: v for k, v in options.items() if k != "site_kind"})
                          if use_beside else None)  # fmt: skip

@@ -11,6 +11,7 @@ from PIL import Image
 from acterase_interp.cli import main
 from acterase_interp.demo import run_demo
 from acterase_interp.erase.eraser import Eraser
+from acterase_interp.erase.gated import GatedEraser
 from acterase_interp.erase.statistics import FitStatistics
 from acterase_interp.world.captions import WORDS
 from acterase_interp.world.pairs import conceptworld_pairs
@@ -19,7 +20,7 @@ STEPS = "3"
 RESULT_KEYS = {
     "concept", "factor", "target_rate", "paraphrase_rate", "non_target_accuracy", "non_target_distance", "timing",
     "mask_density", "options", "all_units", "generation", "pairs", "seeds", "prompts", "predictions", "model",
-    "versions", "bars", "passed", "files", "planted", "tau_choice", "beside",
+    "versions", "bars", "passed", "files", "planted", "tau_choice", "beside", "eraser",
 }  # fmt: skip
 
 
@@ -70,6 +71,7 @@ def test_generate_writes_a_before_after_grid(eraser_dir, tmp_path):
         (["plant", "--model", "conceptworld", "--concept", "heart", "--family", "ffn_units", "--out", "x"],
          "units is required"),
         (["demo", "--model", "./missing-model"], "missing-model"),
+        (["demo", "--eraser", "gated_kv", "--tau", "0.1"], "the gated eraser takes no tau"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, capsys, monkeypatch, tmp_path):
@@ -110,6 +112,17 @@ def test_demo_writes_results_and_report(concept, conceptworld, tmp_path):
     assert {b["name"] for b in results["bars"]} >= {"target rate after", "paraphrase rate after"}
     assert len(results["bars"]) == 6
     assert results["passed"] == all(b["passed"] for b in results["bars"])
+
+
+def test_demo_with_the_gated_eraser(conceptworld, tmp_path):
+    results = run_demo("red", tmp_path, n_pairs=2, n_images=2, num_inference_steps=2, model=conceptworld,
+                       eraser="gated_kv", progress=False)  # fmt: skip
+    assert set(results) == RESULT_KEYS and results["beside"] is None and results["mask_density"] is None
+    assert results["eraser"]["name"] == "gated_kv" and results["eraser"]["chosen_scope"] in ("token", "prompt")
+    loaded = GatedEraser.load(tmp_path / "eraser", model=conceptworld)
+    assert loaded.manifest["scope"] == results["eraser"]["chosen_scope"] and loaded.manifest["concept"] == "red"
+    assert "gated subspace eraser" in (tmp_path / "report.html").read_text()
+    assert len(results["bars"]) == 6 and results["passed"] == all(b["passed"] for b in results["bars"])
 
 
 @pytest.mark.slow
