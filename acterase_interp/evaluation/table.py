@@ -283,10 +283,12 @@ def load_result(path: str | os.PathLike) -> dict:
     return result
 
 
-def comparisons(summary: Sequence[dict], method: str = "acterase", columns: Sequence[str] = COLUMNS) -> list[dict]:
-    """Per concept and column: `method`'s value beside the best other method's, and whether that
-    one beats it by more than both standard errors together (`beaten`; False where either has no
-    standard error or the values are undefined). Lower is better except for `HIGHER_IS_BETTER`."""
+def comparisons(summary: Sequence[dict], method: str = "acterase", columns: Sequence[str] = COLUMNS,
+                exclude: Sequence[str] = ("unerased",)) -> list[dict]:  # fmt: skip
+    """Per concept and column: `method`'s value beside the best other method's (not one of
+    `exclude`), and whether that one beats it by more than both standard errors together
+    (`beaten`), or it beats that one so (`wins`); both False where either has no standard error or
+    the values are undefined. Lower is better except for `HIGHER_IS_BETTER`."""
     out = []
     for concept in dict.fromkeys(r["concept"] for r in summary):
         rows = {r["method"]: r for r in summary if r["concept"] == concept}
@@ -295,15 +297,37 @@ def comparisons(summary: Sequence[dict], method: str = "acterase", columns: Sequ
         ours = rows[method]
         for c in columns:
             sign = -1.0 if c in HIGHER_IS_BETTER else 1.0
-            others = [r for m, r in rows.items() if m not in (method, "unerased") and r[c] is not None]
+            others = [r for m, r in rows.items() if m != method and m not in exclude and r[c] is not None]
             if ours[c] is None or not others:
                 continue
             best = min(others, key=lambda r: sign * r[c])
             margin = sign * (ours[c] - best[c])
             sems = (ours[f"{c}_sem"], best[f"{c}_sem"])
+            known = None not in sems
             out.append({"concept": concept, "column": c, method: ours[c], "best_other": best["method"],
                         "best_other_value": best[c], "margin": margin,
-                        "beaten": None not in sems and margin > sems[0] + sems[1]})  # fmt: skip
+                        "beaten": known and margin > sems[0] + sems[1], "wins": known and -margin > sems[0] + sems[1]})  # fmt: skip
+    return out
+
+
+GOALS: dict[str, tuple[str, float]] = {"target_rate": ("<=", 0.10), "preservation": (">=", 0.95),
+                                       "paraphrase_rate": ("<=", 0.20), "zero_shot_rate": ("<=", 0.20),
+                                       "fit_s": ("<=", 10.0)}  # fmt: skip
+"""The goals issue 23 sets an eraser on every concept: column -> (comparison, bar)."""
+
+
+def goal_rows(summary: Sequence[dict], method: str, goals: dict[str, tuple[str, float]] = GOALS) -> list[dict]:
+    """Per concept and goal: `method`'s seed mean, the bar, whether it is met and by how much it
+    misses (0 where met); an undefined value is not met."""
+    out = []
+    for r in (r for r in summary if r["method"] == method):
+        for column, (op, bar) in goals.items():
+            v = r[column]
+            miss = None if v is None else max(0.0, v - bar if op == "<=" else bar - v)
+            out.append({"concept": r["concept"], "column": column, "value": v, "goal": f"{op} {bar:g}",
+                        "met": miss == 0.0, "miss": miss})  # fmt: skip
+    if not out:
+        raise ValueError(f"{method!r} is not in the table")
     return out
 
 
@@ -404,4 +428,4 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
     return {"format": FORMAT, "rows": rows, "summary": summarize(rows), "records": records, "manifest": manifest}
 
 
-__all__ = ["COLUMNS", "HIGHER_IS_BETTER", "TITLES", "TableSpec", "command_line", "comparisons", "load_result", "markdown", "read_cell", "run_table", "summarize", "write_cell"]
+__all__ = ["COLUMNS", "GOALS", "HIGHER_IS_BETTER", "TITLES", "TableSpec", "command_line", "comparisons", "goal_rows", "load_result", "markdown", "read_cell", "run_table", "summarize", "write_cell"]

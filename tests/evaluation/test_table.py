@@ -186,6 +186,28 @@ def test_comparisons_say_where_acterase_loses():
     assert not any(r["beaten"] for r in near)  # 0.01 apart with sems of 0.01 each: not beaten
     with pytest.raises(ValueError, match="not in the table"):
         comparisons([_summary_row("red", "uce", 0.1, 0.9)])
+    assert not by["target_rate"]["wins"] and near[0]["wins"] is False
+    ahead = {r["column"]: r for r in comparisons(summary, "uce")}  # uce beats acterase and sld beyond both sems
+    assert ahead["target_rate"]["wins"] and ahead["target_rate"]["best_other"] == "sld"
+    without = {r["column"]: r for r in comparisons(summary, "acterase", exclude=("unerased", "uce"))}
+    assert without["target_rate"]["best_other"] == "sld" and not without["target_rate"]["beaten"]
+
+
+def test_goal_rows_check_each_goal_and_say_by_how_much_it_is_missed():
+    from acterase_interp.evaluation.table import GOALS, goal_rows
+
+    summary = [_summary_row("red", "gated_kv", 0.15, 0.97), _summary_row("dots", "gated_kv", 0.05, 0.90),
+               _summary_row("red", "uce", 0.0, 1.0)]  # fmt: skip
+    summary[1]["fit_s"] = None
+    rows = {(r["concept"], r["column"]): r for r in goal_rows(summary, "gated_kv")}
+    assert len(rows) == 2 * len(GOALS)
+    assert not rows["red", "target_rate"]["met"] and rows["red", "target_rate"]["miss"] == pytest.approx(0.05)
+    assert rows["red", "preservation"]["met"] and rows["red", "preservation"]["miss"] == 0.0
+    assert rows["dots", "target_rate"]["met"] and rows["dots", "preservation"]["miss"] == pytest.approx(0.05)
+    assert rows["red", "fit_s"]["met"] and rows["red", "fit_s"]["goal"] == "<= 10"  # 0.15 s
+    assert not rows["dots", "fit_s"]["met"] and rows["dots", "fit_s"]["miss"] is None  # undefined: not met
+    with pytest.raises(ValueError, match="not in the table"):
+        goal_rows(summary, "fia")
 
 
 def test_table_figures_have_a_panel_per_column_and_a_series_per_concept(tmp_path):
