@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from diffusers import UNet2DConditionModel
 
+from ..integrity import SHA256, ArtifactError, read_object, verify_files
+from ..io import interrupted_hint
 from ..sites import Site, discover_dit_sites, discover_sites, is_dit
 from ..text_layers import ENCODERS, text_layer_sites
 
@@ -64,3 +67,15 @@ def site_to_dict(site: Site) -> dict[str, Any]:
 def site_from_dict(data: dict[str, Any]) -> Site:
     """The site of `site_to_dict`; a record from before text-encoder sites (no `component`) is a UNet's."""
     return Site(**{**data, "shape": tuple(data["shape"])})
+
+
+def read_manifest(folder: Path, name: str, fmt: str, files: tuple[str, ...], what: str, verify: bool) -> dict[str, Any]:
+    """The manifest `name` of an artifact folder, checked for its format `fmt`, with the files it
+    lists verified against their recorded sha256 (unless `verify=False`); format and hashes removed."""
+    if not (folder / name).is_file():
+        raise FileNotFoundError(f"no {what} in {folder} (expected {name}){interrupted_hint(folder, name)}")
+    manifest = read_object(folder / name, f"{what} manifest")
+    if manifest.pop("format", None) != fmt:
+        raise ArtifactError(f"{folder / name} is not an {fmt} manifest")
+    verify_files(folder, manifest.pop(SHA256, None), files, manifest=folder / name, verify=verify)
+    return manifest

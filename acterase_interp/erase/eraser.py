@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..integrity import SHA256, ArtifactError, file_hashes, load_tensors, malformed, read_object, verify_files
-from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json, interrupted_hint
+from ..integrity import SHA256, ArtifactError, file_hashes, load_tensors, malformed
+from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
 from ..loading import architecture_hash
 from ..patching import StepSchedule, from_tokens, patch_in_trace, patched, to_tokens, unet_of
 from ..provenance import library_versions
 from ..sites import UNET_OUT, Site
-from ._util import model_sites, site_from_dict, site_to_dict
+from ._util import model_sites, read_manifest, site_from_dict, site_to_dict
 from .masks import importance_mask, zscore_mask
 
 if TYPE_CHECKING:
@@ -312,12 +312,7 @@ class Eraser:
         With `model`, checks that it has the fitted architecture and sites, and moves the tensors
         to its device."""
         folder = Path(path).expanduser()
-        if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"no eraser in {folder} (expected {MANIFEST}){interrupted_hint(folder, MANIFEST)}")
-        manifest = read_object(folder / MANIFEST, "eraser manifest")
-        if manifest.pop("format", None) != FORMAT:
-            raise ArtifactError(f"{folder / MANIFEST} is not an {FORMAT} manifest")
-        verify_files(folder, manifest.pop(SHA256, None), (MASKS, VALUES), manifest=folder / MANIFEST, verify=verify)
+        manifest = read_manifest(folder, MANIFEST, FORMAT, (MASKS, VALUES), "eraser", verify)
         try:
             sites = tuple(site_from_dict(s) for s in manifest.pop("sites"))
             eraser = cls(sites, load_tensors(folder / MASKS), load_tensors(folder / VALUES), manifest)

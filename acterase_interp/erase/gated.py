@@ -34,13 +34,13 @@ from typing import Any
 
 import torch
 
-from ..integrity import SHA256, ArtifactError, file_hashes, load_tensors, malformed, read_object, verify_files
-from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json, interrupted_hint
+from ..integrity import SHA256, file_hashes, load_tensors, malformed
+from ..io import atomic_save_safetensors, atomic_write_dir, atomic_write_json
 from ..loading import architecture_hash
 from ..patching import from_tokens, patch_in_trace, patched, to_tokens, unet_of
 from ..provenance import library_versions
 from ..sites import Site, is_dit
-from ._util import model_sites, site_from_dict, site_to_dict
+from ._util import model_sites, read_manifest, site_from_dict, site_to_dict
 from .pairs import PromptPairs
 from .select import SELECT_SEED_OFFSET
 
@@ -143,12 +143,7 @@ class GatedEraser:
         """An eraser written by `save`, its tensors checked against the recorded sha256 (unless
         `verify=False`); with `model`, checked against it and moved to its device."""
         folder = Path(path).expanduser()
-        if not (folder / MANIFEST).is_file():
-            raise FileNotFoundError(f"no gated eraser in {folder} (expected {MANIFEST}){interrupted_hint(folder, MANIFEST)}")
-        manifest = read_object(folder / MANIFEST, "gated eraser manifest")
-        if manifest.pop("format", None) != FORMAT:
-            raise ArtifactError(f"{folder / MANIFEST} is not an {FORMAT} manifest")
-        verify_files(folder, manifest.pop(SHA256, None), (TENSORS,), manifest=folder / MANIFEST, verify=verify)
+        manifest = read_manifest(folder, MANIFEST, FORMAT, (TENSORS,), "gated eraser", verify)
         try:
             sites = tuple(site_from_dict(s) for s in manifest.pop("sites"))
             tensors = load_tensors(folder / TENSORS)
