@@ -28,7 +28,7 @@ import difflib
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +113,7 @@ class GatedEraser:
         patch_in_trace(model, self, step)
 
     def to(self, device: str | torch.device) -> GatedEraser:
-        moved = {p: {k: v.to(device) for k, v in getattr(self, p).items()} for p in PARTS}
-        return GatedEraser(self.sites, manifest=self.manifest, **moved)
+        return replace(self, **{p: {k: v.to(device) for k, v in getattr(self, p).items()} for p in PARTS})
 
     def check_model(self, model: Any) -> None:
         """Clear error unless `model` has the fitted architecture and every site of the eraser."""
@@ -232,8 +231,7 @@ def with_scope(eraser: GatedEraser, scope: str) -> GatedEraser:
     """The same gates with another `scope` (`SCOPES`)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    parts = {p: getattr(eraser, p) for p in PARTS}
-    return GatedEraser(eraser.sites, manifest={**eraser.manifest, "scope": scope}, **parts)
+    return replace(eraser, manifest={**eraser.manifest, "scope": scope})
 
 
 def choose_scope(model: Any, eraser: GatedEraser, pairs: PromptPairs, shows_concept: Callable[[torch.Tensor], torch.Tensor],

@@ -56,7 +56,7 @@ from diffusers import FluxPipeline
 
 from ..erase.eraser import Eraser
 from ..erase.fit import EraserFitter
-from ..erase.gated import SCOPES, choose_scope, fit_gated, with_scope
+from ..erase.gated import SCOPES, choose_scope, fit_gated
 from ..erase.options import EraseOptions
 from ..erase.pairs import PromptPairs
 from ..erase.select import choose_tau
@@ -135,12 +135,12 @@ class GatedKV(Method):
         super()._fit(model, pairs)
         if self.scope == "auto" and self.shows_concept is None:
             raise ValueError("scope='auto' needs shows_concept (e.g. ConceptClassifier.shows) to judge the fit targets")
-        eraser = fit_gated(model, pairs, rank=self.rank, margin=self.margin, scope="token")
+        auto = self.scope == "auto"
+        self.eraser_ = fit_gated(model, pairs, rank=self.rank, margin=self.margin, scope="token" if auto else self.scope)
         self.scope_rates_ = None
-        if self.scope == "auto":
-            eraser, self.scope_rates_ = choose_scope(model, eraser, pairs, lambda x: self.shows_concept(x, pairs.concept),
-                                                     seed=self.seed, num_inference_steps=self.num_inference_steps)  # fmt: skip
-        self.eraser_ = with_scope(eraser, eraser.manifest["scope"] if self.scope == "auto" else self.scope)
+        if auto:
+            self.eraser_, self.scope_rates_ = choose_scope(model, self.eraser_, pairs, lambda x: self.shows_concept(x, pairs.concept),
+                                                           seed=self.seed, num_inference_steps=self.num_inference_steps)  # fmt: skip
 
     @contextmanager
     def _erased(self, model: Any) -> Iterator[None]:
