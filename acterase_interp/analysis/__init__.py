@@ -65,6 +65,7 @@ from .subspace import SubspacePatch, subspace_efficacy, top_directions, top_unit
 from .sweeps import (
     PAPER_TAUS,
     SUMMARY_FIELDS,
+    ablation_findings,
     best_tau,
     choice_ablation,
     fit_seeds,
@@ -80,6 +81,7 @@ __all__ = [
     "SUMMARY_FIELDS",
     "Evaluator",
     "SubspacePatch",
+    "ablation_findings",
     "best_cells",
     "best_tau",
     "block_difference",

@@ -307,3 +307,61 @@ def _merged_cell(
     row["concept_drop"] = sum(r["concept_drop"] for r in per) / n
     row["concept_rates"] = {c: r["concept_rate"] for c, r in zip(concepts, per)}
     return row
+
+
+def ablation_findings(
+    sweeps: Mapping[str, Sequence[Record]],
+    auto_taus: Mapping[str, float | None],
+    choices: Mapping[str, Sequence[Record]],
+    *,
+    works: float = 0.1,
+    matters: float = 0.1,
+) -> list[str]:
+    """Notebook 04's findings, one line each, computed from its outputs: per concept, its tau sweep
+    summary (`summarize` rows by tau) at the best tau by margin, at the paper's taus and at the
+    automatic tau, with the Pareto front; per ablated concept (`choices`: `choice_ablation`'s best
+    rows), each choice's best value and its spread of margins over values. Last, across the concepts
+    the method erases (a tau with concept rate <= `works`), the choices whose spread exceeds
+    `matters` in every one of them and those that stay within it in every one."""
+    lines, erased = [], []
+    for concept, sweep in sweeps.items():
+        at = {r["tau"]: r for r in sweep}
+        front = {r["tau"] for r in pareto_front(sweep)}
+        star = max(sweep, key=margin)
+        lines.append(f"- {concept}: best tau by margin {star['tau']:g} -> {_rates(star)}")
+        lines += [f"  - paper's tau {t:g}: {_rates(at[t])}, on the Pareto front: {t in front}" for t in PAPER_TAUS if t in at]
+        auto = auto_taus.get(concept)
+        lines.append(f"  - automatic tau {auto:g} (fit targets, first fit): {_rates(at[auto])}, on the Pareto front: "
+                     f"{auto in front}" if auto is not None else  # fmt: skip
+                     "  - automatic tau: none of its candidates left the fit targets at <= 5%")
+        lines.append(f"  - Pareto front: taus {sorted(front)}")
+        if min(_number(r["concept_rate"]) for r in sweep) <= works:
+            erased.append(concept)
+        for name, spread, winner in _choice_spreads(choices.get(concept, ())):
+            lines.append(f"  - {name}: best {winner['value']} at tau {winner['tau']:g} (margin {margin(winner):.3f}; "
+                         f"spread over values {spread:.3f})")  # fmt: skip
+    studied = [c for c in erased if c in choices]
+    if studied:
+        spreads = {c: {name: s for name, s, _ in _choice_spreads(choices[c])} for c in studied}
+        names = [n for n in spreads[studied[0]] if all(n in spreads[c] for c in studied)]
+        big = [n for n in names if all(spreads[c][n] > matters for c in studied)]
+        small = [n for n in names if all(spreads[c][n] <= matters for c in studied)]
+        lines.append(f"- where the method erases ({', '.join(studied)}), choices whose margin spread exceeds {matters:g} "
+                     f"in each: {big or 'none'}; within {matters:g} in each: {small or 'none'}")  # fmt: skip
+    lines.append(f"- concepts no tau brings to <= {works:g}: {[c for c in sweeps if c not in erased] or 'none'}")
+    return lines
+
+
+def _rates(row: Record) -> str:
+    return (f"concept rate {_number(row['concept_rate']):.3f}, held-out rate {_number(row['heldout_concept_rate']):.3f}, "
+            f"preservation {_number(row['preservation']):.3f}")  # fmt: skip
+
+
+def _choice_spreads(best: Sequence[Record]) -> list[tuple[str, float, Record]]:
+    """Per choice (in order of appearance): the spread of margins over its values and the best value's row."""
+    out = []
+    for name in dict.fromkeys(r["choice"] for r in best):
+        rows = [r for r in best if r["choice"] == name]
+        scores = [margin(r) for r in rows]
+        out.append((name, max(scores) - min(scores), max(rows, key=margin)))
+    return out
