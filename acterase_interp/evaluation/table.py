@@ -12,7 +12,8 @@ s + 2000 + k. Columns (each a mean over seeds, with its standard error):
 - `search_asr`, `inversion_asr`: success rates of the prompt search and concept inversion;
 - `preservation`: non-target "all three factors right" accuracy, after / unerased (None if 0);
 - `image_distance`: same-seed mean absolute pixel difference to the unerased non-target images;
-- `fit_s`: wall time to erase (fit, tau choice, training).
+- `fit_s`: wall time to erase (fit, tau choice, training);
+- `tau_search_s`: the part of `fit_s` spent choosing ActErase's automatic tau (shown, not compared).
 
 A decision is the classifier's argmax (no threshold); the bars of the demo are not applied here.
 """
@@ -54,7 +55,10 @@ COLUMNS: tuple[str, ...] = ("target_rate", "paraphrase_rate", "zero_shot_rate", 
 TITLES: dict[str, str] = {"target_rate": "erasure: target rate", "paraphrase_rate": "paraphrase rate",
                           "zero_shot_rate": "zero-shot rate", "search_asr": "prompt-search ASR",
                           "inversion_asr": "inversion ASR", "preservation": "non-target kept",
-                          "image_distance": "non-target distance", "fit_s": "time to erase (s)"}  # fmt: skip
+                          "image_distance": "non-target distance", "fit_s": "time to erase (s)",
+                          "tau_search_s": "of which tau search (s)"}  # fmt: skip
+SHOWN: tuple[str, ...] = (*COLUMNS, "tau_search_s")
+"""The markdown table's columns: the compared ones, then the tau search's share of the time to erase."""
 HIGHER_IS_BETTER = frozenset({"preservation"})
 
 
@@ -246,7 +250,7 @@ def _check_cell(path: Path, recorded: Any, rows: list[dict], record: dict) -> No
 
 
 def _value(row: dict, column: str) -> float | None:
-    v = row.get(column)
+    v = row.get(column, row.get("method_options", {}).get(column))  # tau_search_s lives in the method's options
     return v["value"] if isinstance(v, dict) else v
 
 
@@ -259,7 +263,7 @@ def summarize(rows: Sequence[dict]) -> list[dict]:
     out = []
     for (concept, method), rs in groups.items():
         summary: dict[str, Any] = {"concept": concept, "method": method, "n_seeds": len(rs)}
-        for c in COLUMNS:
+        for c in SHOWN:
             values = [_value(r, c) for r in rs]
             if any(v is None for v in values):
                 summary[c] = summary[f"{c}_sem"] = None
@@ -334,16 +338,16 @@ def goal_rows(summary: Sequence[dict], method: str, goals: dict[str, tuple[str, 
 def markdown(result: dict) -> str:
     """The summary as a markdown table (one row per concept and method), then the manifest's essentials."""
     def cell(row: dict, c: str) -> str:
-        v, sem = row[c], row[f"{c}_sem"]
+        v, sem = row.get(c), row.get(f"{c}_sem")  # tables written before a column existed show n/a
         if v is None:
             return "n/a"
-        fmt = (lambda x: f"{x:.1f}") if c == "fit_s" else (lambda x: f"{x:.3f}")
+        fmt = (lambda x: f"{x:.1f}") if c.endswith("_s") else (lambda x: f"{x:.3f}")
         return fmt(v) + (f" ± {fmt(sem)}" if sem is not None else "")
 
-    lines = ["| concept | method | " + " | ".join(TITLES[c] for c in COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 2) + "|"]  # fmt: skip
+    lines = ["| concept | method | " + " | ".join(TITLES[c] for c in SHOWN) + " |",
+             "|---" * (len(SHOWN) + 2) + "|"]  # fmt: skip
     for row in result["summary"]:
-        lines.append(f"| {row['concept']} | {row['method']} | " + " | ".join(cell(row, c) for c in COLUMNS) + " |")
+        lines.append(f"| {row['concept']} | {row['method']} | " + " | ".join(cell(row, c) for c in SHOWN) + " |")
     m = result["manifest"]
     lines += ["", f"Means over seeds {list(m['spec']['seeds'])} (± standard error); {m['spec']['n_images']} images per prompt "
               f"set and seed, {m['num_inference_steps']} denoising steps, guidance {m['guidance_scale']}; seed offsets "

@@ -60,6 +60,23 @@ def test_summary_means_sems_and_undefined_values():
     assert s["target_rate"] == pytest.approx(0.3) and s["target_rate_sem"] == pytest.approx(0.1)
     assert s["preservation"] == pytest.approx(0.9) and s["n_seeds"] == 2
     assert summarize([row(0, 0.2, None), row(1, 0.4, 0.8)])[0]["preservation"] is None
+    assert s["tau_search_s"] is None  # no tau search recorded: shown as n/a
+
+
+def test_the_tau_search_time_is_summarised_and_shown_beside_the_time_to_erase():
+    from acterase_interp.evaluation.table import markdown
+
+    rows = [{"concept": "heart", "method": "acterase", "seed": s, "fit_s": fit, "preservation": 1.0, "image_distance": 0.0,
+             "method_options": {"tau_search_s": search}, **{c: {"value": 0.0} for c in COLUMNS if c.endswith(("rate", "asr"))}}
+            for s, fit, search in ((0, 30.0, 20.0), (1, 34.0, 24.0))]  # fmt: skip
+    summary = summarize(rows)
+    assert summary[0]["tau_search_s"] == pytest.approx(22.0) and summary[0]["tau_search_s_sem"] == pytest.approx(2.0)
+    manifest = {"spec": {"seeds": [0, 1], "n_images": 4}, "num_inference_steps": 2, "guidance_scale": 3.0,
+                "seed_offsets": {}, "model": {"architecture_hash": "x"}, "seconds": 1.0}  # fmt: skip
+    text = markdown({"summary": summary, "manifest": manifest})
+    assert "| time to erase (s) | of which tau search (s) |" in text and "| 32.0 ± 2.0 | 22.0 ± 2.0 |" in text
+    old = [{k: v for k, v in summary[0].items() if not k.startswith("tau_search")}]  # a table from before the column
+    assert markdown({"summary": old, "manifest": manifest}).splitlines()[2].endswith("| 32.0 ± 2.0 | n/a |")
 
 
 def test_spec_and_command_refuse_bad_input(capsys):
