@@ -177,10 +177,13 @@ def _cell_path(folder: Path, concept: str, seed: int) -> Path:
 
 
 def _run_cell(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int,
-              folder: Path | None, key: str, kept: tuple[list[dict], dict] | None = None) -> tuple[list[dict], dict]:
+              folder: Path | None, key: str, kept: tuple[list[dict], dict] | None = None,
+              commit: str | None = None) -> tuple[list[dict], dict]:  # fmt: skip
     """`_run_seed` for `spec.methods`, merged with the rows `kept` from an earlier run of the same
-    cell, then (with `folder`) written at once, so a stopped run resumes."""
-    start, commit = time.perf_counter(), git_commit()  # the code this worker runs, read before the cell
+    cell, then (with `folder`) written at once, so a stopped run resumes. `commit` is the code the
+    run imported (read by `run_table` at its start): the checkout may move while cells run."""
+    start = time.perf_counter()
+    commit = commit or git_commit()
     rows, record = _run_seed(model, classifier, concept, seed, spec, steps)
     record["seconds"], record["git_commit"] = time.perf_counter() - start, commit
     record["runs"] = [{"methods": list(spec.methods), "seconds": record["seconds"], "git_commit": commit}]
@@ -404,7 +407,7 @@ def run_table(model: Any, classifier: Any, spec: TableSpec = TableSpec(), *, exe
         stored = {cs: cell for cs in order if (cell := read_cell(_cell_path(folder, *cs), key, verify=verify)) is not None}
     missing = {cs: _missing(spec.methods, stored.get(cs)) for cs in order}
     todo = [cs for cs in order if missing[cs]]
-    cells = [(model, classifier, c, s, replace(spec, methods=missing[c, s]), steps, folder, key, stored.get((c, s)))
+    cells = [(model, classifier, c, s, replace(spec, methods=missing[c, s]), steps, folder, key, stored.get((c, s)), commit)
              for c, s in todo]  # fmt: skip
     measured = dict(zip(todo, run_cells(_run_cell, cells, executor, desc="evaluate", progress=progress)))
     rows, records = [], []

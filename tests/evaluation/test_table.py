@@ -148,6 +148,23 @@ def test_a_stopped_table_resumes_from_its_finished_cells(tmp_path, monkeypatch):
     assert len(ran) == 4
 
 
+def test_cells_record_the_commit_the_run_started_at_even_if_the_checkout_moves(tmp_path, monkeypatch):
+    from acterase_interp.evaluation import table
+    from acterase_interp.loading import CONCEPTWORLD, conceptworld_dir, load
+    from acterase_interp.world.classifier import ConceptClassifier
+
+    heads = iter(["started", "moved", "moved again", "moved once more"])
+    monkeypatch.setattr(table, "git_commit", lambda: next(heads))  # each later read sees a newer checkout
+    monkeypatch.setattr(table, "_run_seed", lambda m, c, concept, seed, spec, steps: (
+        [{"concept": concept, "method": "unerased", "seed": seed, "target_rate": 0.5}], {"concept": concept, "seed": seed}))
+    model, classifier = load("conceptworld"), ConceptClassifier.load(str(conceptworld_dir(CONCEPTWORLD) / "classifier"))
+    result = table.run_table(model, classifier, TableSpec(concepts=("red",), methods=("unerased",), seeds=(0, 1)),
+                             checkpoints=tmp_path, progress=False)  # fmt: skip
+    assert result["manifest"]["git_commit"] == "started"
+    assert [run["git_commit"] for rec in result["records"] for run in rec["runs"]] == ["started", "started"]
+    assert [rec["git_commit"] for rec in result["records"]] == ["started", "started"]
+
+
 def test_a_table_with_one_more_method_measures_only_that_method(tmp_path, monkeypatch):
     from acterase_interp.evaluation import table
     from acterase_interp.loading import CONCEPTWORLD, conceptworld_dir, load
