@@ -323,7 +323,7 @@ def ablation_findings(
     rows), each choice's best value and its spread of margins over values. Last, across the concepts
     the method erases (a tau with concept rate <= `works`), the choices whose spread exceeds
     `matters` in every one of them and those that stay within it in every one."""
-    lines, erased = [], []
+    lines, erased, spreads = [], [], {}
     for concept, sweep in sweeps.items():
         at = {r["tau"]: r for r in sweep}
         front = {r["tau"] for r in pareto_front(sweep)}
@@ -337,12 +337,13 @@ def ablation_findings(
         lines.append(f"  - Pareto front: taus {sorted(front)}")
         if min(_number(r["concept_rate"]) for r in sweep) <= works:
             erased.append(concept)
+        spreads[concept] = {}
         for name, spread, winner in _choice_spreads(choices.get(concept, ())):
+            spreads[concept][name] = spread
             lines.append(f"  - {name}: best {winner['value']} at tau {winner['tau']:g} (margin {margin(winner):.3f}; "
                          f"spread over values {spread:.3f})")  # fmt: skip
     studied = [c for c in erased if c in choices]
     if studied:
-        spreads = {c: {name: s for name, s, _ in _choice_spreads(choices[c])} for c in studied}
         names = [n for n in spreads[studied[0]] if all(n in spreads[c] for c in studied)]
         big = [n for n in names if all(spreads[c][n] > matters for c in studied)]
         small = [n for n in names if all(spreads[c][n] <= matters for c in studied)]

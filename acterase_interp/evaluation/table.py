@@ -177,13 +177,11 @@ def _cell_path(folder: Path, concept: str, seed: int) -> Path:
 
 
 def _run_cell(model: Any, classifier: Any, concept: str, seed: int, spec: TableSpec, steps: int,
-              folder: Path | None, key: str, kept: tuple[list[dict], dict] | None = None,
-              commit: str | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+              folder: Path | None, key: str, kept: tuple[list[dict], dict] | None, commit: str) -> tuple[list[dict], dict]:
     """`_run_seed` for `spec.methods`, merged with the rows `kept` from an earlier run of the same
     cell, then (with `folder`) written at once, so a stopped run resumes. `commit` is the code the
     run imported (read by `run_table` at its start): the checkout may move while cells run."""
     start = time.perf_counter()
-    commit = commit or git_commit()
     rows, record = _run_seed(model, classifier, concept, seed, spec, steps)
     record["seconds"], record["git_commit"] = time.perf_counter() - start, commit
     record["runs"] = [{"methods": list(spec.methods), "seconds": record["seconds"], "git_commit": commit}]
