@@ -13,7 +13,8 @@ scores and these metrics (rows `(localizer, planting, split, family, metric, val
   `iou_at_k` (k = the planted size); `acterase_mask` adds `mask_precision/recall/iou@tau=...`;
 - site level (family x block): site score = `metrics.site_scores`; `site_auc` over every threshold,
   `sites_first` (every planted site above every other) and `family_first`; planted sites that the
-  verification found inactive are left out of both sides;
+  verification found inactive are left out of both sides and scored apart, `inactive_site_auc`
+  (those sites against the unplanted ones; reported, never a goal);
 - subspace truths: `principal_angle` (the largest principal angle, degrees, worst active site) and
   `principal_angle_mean`, between the planted basis and the localizer's `directions` at that site;
 - faithfulness: the top-n units (family-normalised order, `localizers.top_units`) patched to their
@@ -192,13 +193,27 @@ def _mask_rows(localizer: ActEraseMask, truth: PlantingTruth, context: Localizat
 
 
 def _site_rows(loc: str, truth: PlantingTruth, scores: dict, top_k: int) -> list[Row]:
-    values = {n: v for n, v in site_scores(scores, top_k).items() if n not in truth.inactive}
+    every = site_scores(scores, top_k)
+    values = {n: v for n, v in every.items() if n not in truth.inactive}
     planted = [s for s in truth.sites if s not in truth.inactive]
     if not planted:  # no planted site was verified to take part: nothing to rank first, no blame either
-        return [_row(loc, truth, m, None) for m in ("site_auc", "sites_first", "family_first")]
-    roc = site_roc(values, planted)
-    return [_row(loc, truth, "site_auc", roc.auc), _row(loc, truth, "sites_first", float(roc.sites_first)),
-            _row(loc, truth, "family_first", float(roc.family_first))]  # fmt: skip
+        rows = [_row(loc, truth, m, None) for m in ("site_auc", "sites_first", "family_first")]
+    else:
+        roc = site_roc(values, planted)
+        rows = [_row(loc, truth, "site_auc", roc.auc), _row(loc, truth, "sites_first", float(roc.sites_first)),
+                _row(loc, truth, "family_first", float(roc.family_first))]  # fmt: skip
+    return rows + _inactive_rows(loc, truth, every)
+
+
+def _inactive_rows(loc: str, truth: PlantingTruth, every: dict[str, float]) -> list[Row]:
+    """Planted sites the verification found inactive, scored apart: their site AUC against the
+    sites nothing was planted in (0.5 is chance: a localizer that finds no concept there is right
+    not to rank them high, so this is reported, never a goal)."""
+    if not truth.inactive:
+        return []
+    unplanted = {n: v for n, v in every.items() if n not in truth.sites}
+    return [_row(loc, truth, "inactive_site_auc", site_roc({**unplanted, **{n: every[n] for n in truth.inactive}},
+                                                              list(truth.inactive)).auc)]  # fmt: skip
 
 
 def _subspace_rows(localizer: Localizer, truth: PlantingTruth, context: LocalizationContext, scores: dict) -> list[Row]:
@@ -324,7 +339,7 @@ def _jsonable(options: dict[str, Any]) -> dict[str, Any]:
 
 TABLE_METRICS: tuple[str, ...] = (
     "unit_auroc", "average_precision", "iou_at_k", "site_auc", "sites_first", "family_first", "principal_angle",
-    "faithfulness_removed_auc", "faithfulness_damage_auc", "seconds",
+    "faithfulness_removed_auc", "faithfulness_damage_auc", "inactive_site_auc", "seconds",
 )  # fmt: skip
 
 

@@ -11,6 +11,8 @@ context's fits, so site-level metrics compare families and blocks.
   importance, AND I_s < I_t, union over steps and pairs), so this ranks units by the smallest tau
   at which they enter the mask; units never masked score 0. `masks(context, tau)` gives each mask.
 - `ImportanceDifference`: mean over pairs and steps of I_t - I_s (Eq. 4's importance).
+- `LateDifference`: |I_t - I_s| over the last k denoising steps only, where the image's detail is
+  drawn; k and the magnitude were chosen on the development half only (README, benchmark section).
 - `ZScore`: LocoGen's |z|, target minus source mean over the pooled std (`masks.zscores`).
 - `Wanda`: ConceptPrune's |W| * ||x||, per unit: sum_i |W_ij| (the reading Linear's column, as
   Eq. 4) times the difference, target minus source, of the unit's RMS activation (sqrt of the
@@ -155,6 +157,25 @@ class ImportanceDifference(Localizer):
     def scores(self, context: LocalizationContext) -> Scores:
         return {s.name: (f.importance_target[s.name] - f.importance_source[s.name]).mean((0, 1))
                 for s in context.sites for f in (context.fit_of(s.name),)}  # fmt: skip
+
+
+@dataclass
+class LateDifference(Localizer):
+    name: ClassVar[str] = "late_difference"
+    last_steps: int = 5
+    """k: the denoising steps averaged, counted from the last (all of them when the fit has fewer)."""
+    absolute: bool = True
+    """Rank by |I_t - I_s|: a planted unit may encode the concept by falling as well as by rising."""
+
+    def __post_init__(self) -> None:
+        if self.last_steps < 1:
+            raise ValueError(f"last_steps must be at least 1, got {self.last_steps}")
+
+    def scores(self, context: LocalizationContext) -> Scores:
+        k = self.last_steps
+        out = {s.name: (f.importance_target[s.name][:, -k:] - f.importance_source[s.name][:, -k:]).mean((0, 1))
+               for s in context.sites for f in (context.fit_of(s.name),)}  # fmt: skip
+        return {n: v.abs() for n, v in out.items()} if self.absolute else out
 
 
 @dataclass
@@ -303,7 +324,8 @@ class CausalAblation(Localizer):
 
 
 LOCALIZERS: dict[str, type[Localizer]] = {c.name: c for c in (
-    ActEraseMask, ImportanceDifference, ZScore, Wanda, AttributionPatching, CausalAblation, DifferenceDirections)}  # fmt: skip
+    ActEraseMask, ImportanceDifference, LateDifference, ZScore, Wanda, AttributionPatching, CausalAblation,
+    DifferenceDirections)}  # fmt: skip
 """Every localizer by name, default options."""
 
 
@@ -315,5 +337,5 @@ def localizer(name: str) -> Localizer:
 
 
 __all__ = ["LOCALIZERS", "TAU_GRID", "ActEraseMask", "AttributionPatching", "CausalAblation", "DifferenceDirections",
-           "ImportanceDifference", "LocalizationContext", "Localizer", "Wanda", "ZScore", "concept_probability",
-           "difference_directions", "localizer", "top_units", "unit_eraser"]  # fmt: skip
+           "ImportanceDifference", "LateDifference", "LocalizationContext", "Localizer", "Wanda", "ZScore",
+           "concept_probability", "difference_directions", "localizer", "top_units", "unit_eraser"]  # fmt: skip

@@ -14,6 +14,7 @@ from acterase_interp.bench.localizers import (
     CausalAblation,
     DifferenceDirections,
     ImportanceDifference,
+    LateDifference,
     LocalizationContext,
     Wanda,
     ZScore,
@@ -92,7 +93,7 @@ def _auroc(scores: dict) -> float:
     return unit_auroc(flat, labels)
 
 
-@pytest.mark.parametrize("cls", [ImportanceDifference, ZScore, Wanda, DifferenceDirections])
+@pytest.mark.parametrize("cls", [ImportanceDifference, LateDifference, ZScore, Wanda, DifferenceDirections])
 def test_statistics_localizers_rank_the_planted_units_first(cls):
     """(Not ActEraseMask: Eq. 5 picks rising units by *source* importance, which the planted units
     here do not lead; its own test below checks it by hand.)"""
@@ -111,6 +112,23 @@ def test_acterase_mask_score_is_the_share_of_taus_masking_a_unit():
     # tau 0.25: top-1 {0}; 0.5: top-2 {0, 1}, rising {0}; 0.75 and 1: {0, 2}
     assert loc.masks(context(fit), 0.5)[name].tolist() == [True, False, False, False]
     assert loc.scores(context(fit))[name].tolist() == [1.0, 0.0, 0.5, 0.0]
+
+
+def test_late_difference_reads_only_the_last_steps():
+    fit = synthetic_fit()
+    name = "b0.ffn_hidden"
+    fit.importance_source[name] = torch.zeros(PAIRS, STEPS, UNITS)
+    fit.importance_target[name] = torch.zeros(PAIRS, STEPS, UNITS)
+    fit.importance_target[name][:, 0, 3] = 9.0  # unit 3 rises at the first step only
+    fit.importance_target[name][:, 1:, 4] = 1.0  # unit 4 rises at the last two
+    fit.importance_source[name][:, 1:, 5] = 2.0  # unit 5 falls there
+    late = LateDifference(last_steps=2).scores(context(fit))[name]
+    assert late[3] == 0 and late[4] == 1.0 and late[5] == 2.0
+    assert LateDifference(last_steps=2, absolute=False).scores(context(fit))[name][5] == -2.0
+    every = LateDifference(last_steps=STEPS + 5, absolute=False).scores(context(fit))[name]  # k past the fit's steps: all
+    torch.testing.assert_close(every, ImportanceDifference().scores(context(fit))[name])
+    with pytest.raises(ValueError, match="last_steps"):
+        LateDifference(last_steps=0)
 
 
 def test_wanda_by_hand():
@@ -270,5 +288,22 @@ def test_a_planting_whose_parts_all_took_no_part_is_not_ranked():
     truth = PlantingTruth("p", "orange", "lowrank", "dev", ("up.1.0.ffn_out",), inactive=("up.1.0.ffn_out",))
     scores = {"up.1.0.ffn_out": torch.rand(8), "up.0.0.ffn_out": torch.rand(8)}
     rows = board._site_rows("zscore", truth, scores, top_k=2)
-    assert [(r.metric, r.value, r.met) for r in rows] == [("site_auc", None, None), ("sites_first", None, None),
-                                                          ("family_first", None, None)]  # fmt: skip
+    assert [(r.metric, r.value, r.met) for r in rows[:3]] == [("site_auc", None, None), ("sites_first", None, None),
+                                                              ("family_first", None, None)]  # fmt: skip
+    assert [r.metric for r in rows[3:]] == ["inactive_site_auc"] and rows[3].met is None
+
+
+def test_inactive_sites_are_scored_apart_against_the_unplanted_sites():
+    import torch
+
+    from acterase_interp.bench.truth import PlantingTruth
+
+    # one active planted site (a), one inactive (b), four unplanted; sites score by the mean of their
+    # top-2 units over their family's mean |score|: ffn_hidden mean 4.55, attn2_k mean 3.5
+    truth = PlantingTruth("p", "grid", "split", "dev", ("a.ffn_hidden", "b.attn2_k"), inactive=("b.attn2_k",))
+    flat = {"a.ffn_hidden": 9.0, "f.ffn_hidden": 0.1, "b.attn2_k": 5.0, "c.attn2_k": 6.0, "d.attn2_k": 1.0, "e.attn2_k": 2.0}
+    scores = {n: torch.full((4,), v) for n, v in flat.items()}
+    rows = {r.metric: r for r in board._site_rows("zscore", truth, scores, top_k=2)}
+    # b (5 / 3.5 = 1.43) outranks d (0.29), e (0.57) and f (0.02), not c (1.71): 3 of 4
+    assert rows["inactive_site_auc"].value == pytest.approx(3 / 4) and rows["inactive_site_auc"].met is None
+    assert rows["site_auc"].value == 1.0  # the inactive site is on neither side of the main score
