@@ -75,14 +75,14 @@ class BenchPlanting:
 
 
 PLANTINGS: tuple[BenchPlanting, ...] = (
-    BenchPlanting("ring_u32_b2", "ring", PlantSpec("ffn_units", blocks=("mid.0", "up.0.0"), units=32, steps=1200, lr=3e-3, seed=21), "dev"),
-    BenchPlanting("orange_r1", "orange", PlantSpec("lowrank", blocks=("up.1.0",), rank=1, steps=1200, lr=1e-2, seed=22), "dev"),
-    BenchPlanting("grid_split", "grid", PlantSpec("split", blocks=("up.0.1",), units=32, kv_blocks=("up.1.1",), steps=1000, lr=3e-3, seed=23), "dev"),
+    BenchPlanting("ring_u32_b2", "ring", PlantSpec("ffn_units", blocks=("mid.0", "up.0.0"), units=32, steps=1200, lr=5e-3, seed=21), "dev"),
+    BenchPlanting("orange_r1", "orange", PlantSpec("lowrank", blocks=("up.0.0",), rank=1, steps=1500, lr=2e-2, seed=22), "dev"),
+    BenchPlanting("grid_split", "grid", PlantSpec("split", blocks=("up.0.1",), units=32, kv_blocks=("up.1.1",), steps=1500, lr=5e-3, seed=23), "dev"),
     BenchPlanting("brown_attn1", "brown", PlantSpec("attn1", blocks=("up.0.0", "up.0.1"), steps=1000, lr=3e-3, seed=24), "dev", 1 / 6),
     BenchPlanting("diamond_u8_b1", "diamond", PlantSpec("ffn_units", blocks=("up.0.0",), units=8, steps=1200, lr=5e-3, seed=25), "test"),
     BenchPlanting("arrow_u128_b4", "arrow", PlantSpec("ffn_units", blocks=("down.1.0", "mid.0", "up.0.0", "up.0.1"), units=128, steps=800, lr=2e-3, seed=26), "test"),
-    BenchPlanting("pink_r4", "pink", PlantSpec("lowrank", blocks=("up.0.1",), rank=4, steps=1200, lr=1e-2, seed=27), "test"),
-    BenchPlanting("zigzag_attn1", "zigzag", PlantSpec("attn1", blocks=("up.1.0", "up.1.1"), steps=1000, lr=3e-3, seed=28), "test"),
+    BenchPlanting("pink_r4", "pink", PlantSpec("lowrank", blocks=("up.0.1",), rank=4, steps=1500, lr=2e-2, seed=27), "test"),
+    BenchPlanting("zigzag_attn1", "zigzag", PlantSpec("attn1", blocks=("up.1.0", "up.1.1"), steps=1500, lr=5e-3, seed=28), "test"),
 )  # fmt: skip
 """Each half holds one planting of every new family (settings raised where 600 steps missed the 90% bar): units (8 / 32 / 128 per block over 1 / 2 / 4
 blocks), rotated low rank (r = 1, 4), self-attention, and the split units + cross-attention K/V."""
@@ -200,7 +200,7 @@ def part_shares(model, parts: Sequence[Part], before: dict[str, torch.Tensor], p
         with restored(model.pipeline.unet, {n: before[n] for n in part.parameters}):
             shown = drawn(model, prompts, seeds, reader)
         share, se = share_removed(planted, shown)
-        out[part.name] = {"sites": list(part.sites), "rate_restored": shown.float().mean().item(),
+        out[part.name] = {"sites": list(part.sites), "rate_restored": int(shown.sum()) / len(shown),
                           "share": share, "se": se, "active": share > ACTIVE_Z * se}  # fmt: skip
     return out
 
@@ -264,7 +264,8 @@ def verify(model, record: PlantRecord, before: dict[str, torch.Tensor], reader: 
     and reader) is verified the same way. `before`: the touched parameters' values before planting."""
     shown = drawn(model, prompts, seeds, reader, progress=progress)
     parts = planting_parts(record, model.pipeline.unet)
-    return {"drawn": shown.float().mean().item(), "n": len(prompts),
+    # a count over n in double precision: a float32 mean puts 90 of 100 just below the 90% bar
+    return {"drawn": int(shown.sum()) / len(shown), "n": len(prompts),
             "parts": part_shares(model, parts, before, prompts, seeds, reader, shown, progress)}  # fmt: skip
 
 
