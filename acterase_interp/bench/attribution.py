@@ -116,7 +116,11 @@ def denoise(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], settings: L
 
 
 def concept_logit(classifier: Any, images: torch.Tensor, concept: str) -> torch.Tensor:
-    """The classifier's logit of `concept` per image (`images` in [0, 1], as `denoise` returns them)."""
+    """The classifier's logit of `concept` per image (`images` in [0, 1], as `denoise` returns them);
+    a classifier without ConceptWorld `factors` (a user's reader, `bench.own.ReaderClassifier`)
+    gives its own `logit`."""
+    if not hasattr(classifier, "factors"):
+        return classifier.logit(images)
     factor = next((f for f, values in classifier.factors.items() if concept in values), None)
     if factor is None:
         raise ValueError(f"the classifier does not read {concept!r}; it knows {classifier.factors}")

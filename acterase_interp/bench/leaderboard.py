@@ -26,6 +26,8 @@ No localizer hyperparameter is tuned here: all are fixed before any run (their o
 manifest), so the dev half is where a change of them must be justified and the test half is
 reported apart. Cells are cached in `<out>/cells/<planting>.json` and reused when their options
 match (resumable). `results.json` (tidy rows, curves, manifest) and `table.md` are written atomically.
+`score_planting` scores one planted model given its truth, pairs and reader, so a user's own
+planting is scored the same way (`bench.own`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from tqdm.auto import tqdm
 
 from ..analysis.evaluation import Evaluator
 from ..erase import EraseOptions, EraserFitter
+from ..erase.pairs import PromptPairs
 from ..integrity import read_json, sha256_json
 from ..io import atomic_write_json, atomic_write_text
 from ..provenance import git_commit, library_versions
@@ -251,20 +254,32 @@ def _identity(model: Any, truth: PlantingTruth) -> dict[str, Any]:
 
 def run_planting(name: str, options: BenchOptions, progress: bool = True) -> dict[str, Any]:
     """Every localizer of `options` on planting `name`: {"rows", "curves", "planting"} (JSON-ready)."""
-    start, commit = time.perf_counter(), git_commit()  # at the start: the code that scores is the code checked out now
+    started = time.perf_counter()  # the cell's load counts in its `load_and_fit_seconds`
     model, truth, classifier = open_planting(name)
-    steps = options.num_inference_steps or model.defaults.num_inference_steps
     pairs = conceptworld_pairs(truth.concept, n=options.n_pairs, seed=0)
+    return score_planting(model, truth, classifier, pairs, options, progress, started=started)
+
+
+def score_planting(model: Any, truth: PlantingTruth, classifier: Any, pairs: PromptPairs, options: BenchOptions,
+                   progress: bool = True, *, evaluator_class: type[Evaluator] = Evaluator,
+                   started: float | None = None) -> dict[str, Any]:  # fmt: skip
+    """Every localizer of `options` on a planted `model` against its `truth`: one ActErase fit on
+    `pairs`, then rows and faithfulness curves as the module docstring says; `classifier` reads the
+    concept (for `evaluator_class`'s faithfulness evaluations and the localizers that run the model).
+    `started`: `time.perf_counter()` when the cell began (default: now)."""
+    commit = git_commit()  # at the start: the code that scores is the code checked out now
+    start = time.perf_counter() if started is None else started
+    steps = options.num_inference_steps or model.defaults.num_inference_steps
     fit = EraserFitter(model, EraseOptions(site_kind=options.families, num_inference_steps=steps), progress=progress)
     fit.fit(pairs)
     stats = fit.statistics
     fit_seconds = time.perf_counter() - start
     context = LocalizationContext(model, classifier, truth.concept, pairs, {k: stats for k in options.families},
                                   tuple(options.seeds), steps, progress)  # fmt: skip
-    evaluator = Evaluator(model, classifier, truth.concept, pairs.targets, pairs.non_target, num_inference_steps=steps)
+    evaluator = evaluator_class(model, classifier, truth.concept, pairs.targets, pairs.non_target, num_inference_steps=steps)
     rows: list[Row] = []
     curves = []
-    for localizer in tqdm(options.build(), desc=f"localizers: {name}", disable=not progress):
+    for localizer in tqdm(options.build(), desc=f"localizers: {truth.name}", disable=not progress):
         began = time.perf_counter()
         scores = localizer.scores(context)
         rows.append(_row(localizer.name, truth, "seconds", time.perf_counter() - began))

@@ -67,7 +67,7 @@ class LocalizationContext:
     model: Any
     """The acterase model (`loading.load`); None for statistics-only localizers in tests."""
     classifier: Any
-    """The concept classifier (`world.classifier.ConceptClassifier`)."""
+    """The concept classifier (`world.classifier.ConceptClassifier`), or a user's reader (`bench.own.ReaderClassifier`)."""
     concept: str
     pairs: PromptPairs
     """The prompt pairs of the fits (targets show the concept, sources another value)."""
@@ -282,12 +282,15 @@ def unit_eraser(context: LocalizationContext, units: Mapping[str, Sequence[int]]
 
 def concept_probability(context: LocalizationContext, patch: Any, seed: int) -> float:
     """The classifier's mean probability of the concept over the targets' images (selection seeds
-    `tau_selection`, disjoint from the fit's and the evaluation's), with `patch` on."""
+    `tau_selection`, disjoint from the fit's and the evaluation's), with `patch` on; a classifier
+    without ConceptWorld `factors` (a user's reader, `bench.own.ReaderClassifier`) gives its own."""
     targets = list(context.pairs.targets)
     with patched(context.model, patch):
         images = generate(context.model, targets, seeds=image_seeds("tau_selection", len(targets), replicate=seed),
                           num_inference_steps=context.steps, progress=False)  # fmt: skip
     classifier = context.classifier
+    if not hasattr(classifier, "factors"):
+        return float(classifier.probability(images).mean())
     factor = next(f for f, v in classifier.factors.items() if context.concept in v)
     with torch.no_grad():
         logits = classifier(images.to(next(classifier.parameters()).device) * 2 - 1)[factor]
