@@ -1,10 +1,12 @@
-"""The `acterase` command: fit an eraser, generate with it, run the ConceptWorld demo, or plant a concept.
+"""The `acterase` command: fit an eraser, generate with it, run the ConceptWorld demo, plant a concept,
+or score the localizers on a planted concept with one's own reader.
 
     acterase fit --model conceptworld --pairs conceptworld_triangle --out runs/triangle
     acterase generate --model conceptworld --prompt "a red triangle" --eraser runs/triangle --compare --out grid.png
     acterase demo --concept heart --out runs/demo
     acterase plant --model DIR --concept heart --family ffn_units --blocks up.0.0 --units 32 --out DIR2
     acterase evaluate --concepts triangle red dots --seeds 0 1 2 --out runs/evaluation
+    acterase score --model DIR --concept heart --reader my_reader:reader [--pairs PAIRS.json] --out results/own-heart
 
 Bad input (an unknown concept, site or option, a missing file, an artifact whose files differ from
 the sha256 its manifest recorded) prints one line and exits with 2; `acterase demo --strict` exits
@@ -16,6 +18,9 @@ several verbs take (--model, --steps, --n-pairs, --seeds, --out, ...) parses the
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
+import shlex
 import sys
 import time
 import warnings
@@ -112,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     _evaluate_parser(sub.add_parser("evaluate", help="ActErase beside the baselines on ConceptWorld, with attacks: "
                                     "JSON + markdown"))  # fmt: skip
     _plant_parser(sub.add_parser("plant", help="teach a ConceptWorld model a plantable concept in chosen weights only"))
+    _score_parser(sub.add_parser("score", help="score the localizers on a planted concept with your own reader: "
+                                 "JSON + markdown"))  # fmt: skip
     return parser
 
 
@@ -191,6 +198,29 @@ def _plant_parser(plant: argparse.ArgumentParser) -> None:
     _shared(plant, "--n-images", default=6000, help="training images (default: 6000, 1/6 of them new)")
     _shared(plant, "--seed")
     _shared(plant, "--no-verify")
+
+
+def _score_parser(score: argparse.ArgumentParser) -> None:
+    _shared(score, "--model", required=True, help="a planted pipeline folder (`acterase plant`), or conceptworld")
+    _shared(score, "--concept", required=True, help="the planted concept to score (one of the model's planted.json)")
+    score.add_argument("--reader", required=True, metavar="MODULE:ATTR",
+                       help="your reader: the attribute ATTR of the module MODULE (a dotted path, importable from "
+                            "the current folder), a callable images (N, 3, H, W) in [0, 1] -> bool (N,), optionally "
+                            "with a differentiable .logit(images) -> (N,) (needed by attribution_patching); or "
+                            "conceptworld / bench: that ConceptWorld classifier read as a reader of the "
+                            "concept")  # fmt: skip
+    score.add_argument("--pairs", help='a JSON file {"targets": [...], "sources": [...], "non_target": [...]} '
+                       "(default, for a ConceptWorld value only: conceptworld_pairs of the concept)")  # fmt: skip
+    _shared(score, "--n-pairs", help="prompt pairs to fit and score on (default: 10 ConceptWorld pairs, or every "
+            "pair of --pairs)")  # fmt: skip
+    score.add_argument("--localizers", nargs="+", help="localizers to score (default: every one the reader supports)")
+    _shared(score, "--seeds", default=[0], help="evaluation replicates (default: 0)")
+    _shared(score, "--steps")
+    score.add_argument("--grid", type=int, nargs="+", help="faithfulness curve: numbers of top units patched, "
+                       "increasing from 0 (default: 0 1 2 4 ... 256)")  # fmt: skip
+    _shared(score, "--out", help="folder for results.json and table.md (default: results/own-<concept>)")
+    _shared(score, "--device")
+    _shared(score, "--no-verify")
 
 
 def _given_options(args: argparse.Namespace) -> dict:
@@ -319,12 +349,164 @@ def _plant(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+CLASSIFIER_READERS = ("conceptworld", "bench")
+"""`--reader` values that read the concept with a ConceptWorld classifier instead of a user's module."""
+
+
+def _import_reader(spec: str) -> Any:
+    """The reader named `spec`, MODULE:ATTR (ATTR may be dotted), imported with the current folder
+    first on sys.path; a clear ValueError for a bad spec or a missing module or attribute, a
+    TypeError for an attribute that is not a reader."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name.strip() or not attr.strip():
+        raise ValueError(f"--reader must be MODULE:ATTR (e.g. my_reader:reader) or one of {CLASSIFIER_READERS}, "
+                         f"got {spec!r}")  # fmt: skip
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    importlib.invalidate_caches()  # a module written since the last import is found
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise ValueError(f"--reader {spec}: no module named {module_name!r} importable from {cwd} or the "
+                             f"installed packages") from None  # fmt: skip
+        raise ValueError(f"--reader {spec}: importing {module_name!r} failed: {err}") from err
+    except Exception as err:  # the user's module raised while importing: one line, not a traceback
+        raise ValueError(f"--reader {spec}: importing {module_name!r} failed: {type(err).__name__}: {err}") from err
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    reader = module
+    for part in attr.split("."):
+        if not hasattr(reader, part):
+            raise ValueError(f"--reader {spec}: module {module_name!r} ({getattr(module, '__file__', None)}) has no "
+                             f"attribute {attr!r}")  # fmt: skip
+        reader = getattr(reader, part)
+    if isinstance(reader, type):
+        raise TypeError(f"--reader {spec} is a class; name an instance of it (e.g. `reader = {reader.__name__}()` in "
+                        f"{module_name})")  # fmt: skip
+    if not callable(reader):
+        raise TypeError(f"--reader {spec} is a {type(reader).__name__}, not a reader: it must be callable, "
+                        "images (N, 3, H, W) in [0, 1] -> bool (N,)")  # fmt: skip
+    return reader
+
+
+def _score_reader(spec: str, concept: str, device: str) -> Any:
+    """The reader of `--reader`: a user's module attribute, or a ConceptWorld classifier of the concept."""
+    if spec not in CLASSIFIER_READERS:
+        return _import_reader(spec)
+    from .bench.own import ConceptReader
+    from .loading import BENCH, CONCEPTWORLD, load_classifier
+
+    return ConceptReader(load_classifier(CONCEPTWORLD if spec == "conceptworld" else BENCH, device=device), concept)
+
+
+def _score_pairs(args: argparse.Namespace) -> PromptPairs:
+    """The pairs of `--pairs` (a JSON file), else ConceptWorld pairs of the concept; `--n-pairs` of them."""
+    from .integrity import ArtifactError, read_object
+    from .world.factors import factor_of
+    from .world.pairs import conceptworld_pairs
+
+    if args.n_pairs is not None and args.n_pairs < 1:
+        raise ValueError(f"--n-pairs must be at least 1, got {args.n_pairs}")
+    if args.pairs is None:
+        try:
+            factor_of(args.concept)
+        except ValueError:
+            raise ValueError(f"{args.concept!r} is not a ConceptWorld value, so there are no default prompt pairs: "
+                             'give --pairs PAIRS.json, {"targets": [...], "sources": [...], '
+                             '"non_target": [...]}') from None  # fmt: skip
+        return conceptworld_pairs(args.concept, n=args.n_pairs or 10, seed=0)
+    path = Path(args.pairs).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no prompt pairs file at {path}")
+    data = read_object(path, 'prompt pairs: {"targets": [...], "sources": [...], "non_target": [...]}')
+    if data.setdefault("concept", args.concept) != args.concept:
+        raise ValueError(f"{path} holds pairs of {data['concept']!r}, not of --concept {args.concept!r}")
+    try:
+        pairs = PromptPairs.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise ArtifactError(f"{path}: {err}") from err
+    if args.n_pairs is not None:
+        if args.n_pairs > len(pairs):
+            raise ValueError(f"--n-pairs {args.n_pairs}, but {path} holds only {len(pairs)} pairs")
+        pairs = replace(pairs, targets=pairs.targets[: args.n_pairs], sources=pairs.sources[: args.n_pairs])
+    return pairs
+
+
+def _score_command(args: argparse.Namespace, out: Path) -> str:
+    """The command line that runs this score again (every option spelled out)."""
+    parts = ["acterase", "score", "--model", args.model, "--concept", args.concept, "--reader", args.reader]
+    if args.pairs:
+        parts += ["--pairs", args.pairs]
+    if args.n_pairs is not None:
+        parts += ["--n-pairs", str(args.n_pairs)]
+    if args.localizers:
+        parts += ["--localizers", *args.localizers]
+    parts += ["--seeds", *map(str, args.seeds)]
+    if args.steps is not None:
+        parts += ["--steps", str(args.steps)]
+    if args.grid:
+        parts += ["--grid", *map(str, args.grid)]
+    parts += ["--out", str(out)]
+    if args.device != SHARED["--device"]["default"]:
+        parts += ["--device", args.device]
+    return shlex.join(parts + (["--no-verify"] if args.no_verify else []))
+
+
+def _reader_source(spec: str) -> dict[str, Any] | None:
+    """The file and sha256 of a `--reader` module (None for a classifier reader or a module without a file)."""
+    from .integrity import sha256_file
+
+    module = sys.modules.get(spec.partition(":")[0]) if spec not in CLASSIFIER_READERS else None
+    file = getattr(module, "__file__", None)
+    return {"file": str(Path(file).resolve()), "sha256": sha256_file(file)} if file and Path(file).is_file() else None
+
+
+def _score(args: argparse.Namespace) -> None:
+    from .bench.leaderboard import GOALS, BenchOptions, _jsonable, markdown_table
+    from .bench.own import ATP, localizers_for, record_truth, score_own
+    from .io import atomic_write_json, atomic_write_text
+    from .provenance import git_commit, library_versions
+
+    # bad input fails before the model loads: the reader, the pairs, the options
+    reader = _score_reader(args.reader, args.concept, args.device)
+    supported = localizers_for(reader)
+    pairs = _score_pairs(args)
+    if args.grid and (len(args.grid) < 2 or args.grid[0] != 0 or any(b <= a for a, b in zip(args.grid, args.grid[1:]))):
+        raise ValueError(f"--grid must increase from 0 with at least two points (e.g. 0 1 4 16), got {args.grid}")
+    grid = {"faithfulness_grid": tuple(args.grid)} if args.grid else {}
+    options = BenchOptions(n_pairs=len(pairs), seeds=tuple(args.seeds), num_inference_steps=args.steps,
+                           localizers=tuple(args.localizers or supported), **grid)  # fmt: skip
+    if ATP in options.localizers and ATP not in supported:
+        raise ValueError(f"{ATP} needs a reader with a differentiable `logit(images) -> (N,)` method; "
+                         f"{args.reader} has none: leave it out of --localizers")  # fmt: skip
+    out = Path(args.out) if args.out else Path("results") / f"own-{args.concept.replace('/', '_').replace(os.sep, '_')}"
+    model = load(args.model, device=args.device, verify=not args.no_verify)
+    truth = record_truth(model, args.concept)
+    result = score_own(model, truth, reader, pairs, options)
+    result["manifest"] = {
+        "command": _score_command(args, out), "model": args.model, "concept": args.concept, "reader": args.reader,
+        "reader_source": _reader_source(args.reader), "pairs": pairs.to_dict(), "options": options.to_dict(),
+        "localizers": {loc.name: _jsonable(loc.options()) for loc in options.build()}, "goals": GOALS,
+        "versions": library_versions(), "git_commit": git_commit(),
+    }  # fmt: skip
+    table = markdown_table(result["rows"])
+    atomic_write_json(result, out / "results.json")
+    atomic_write_text(table, out / "table.md")
+    print(table)
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 on success, 1 when `demo --strict` fails a
-    bar, 2 on bad input)."""
+    bar, 2 on bad input, 3 when a worker process died)."""
     args = _parser().parse_args(argv)
     try:
-        commands = {"fit": _fit, "generate": _generate, "demo": _demo, "evaluate": _evaluate, "plant": _plant}
+        commands = {"fit": _fit, "generate": _generate, "demo": _demo, "evaluate": _evaluate, "plant": _plant,
+                    "score": _score}  # fmt: skip
         with warnings.catch_warnings():
             warnings.showwarning = _notice(args.command, warnings.showwarning)
             status = commands[args.command](args)

@@ -13,6 +13,9 @@ on that model against the planted truth, with one's own reader instead of the be
     record, verification, truth = plant_own(model, images, captions, "blob", spec, reader, targets, sources, others)
     print(markdown_table(score_own(model, truth, reader, PromptPairs("blob", targets, sources))["rows"]))
 
+From the shell, `acterase score --model DIR --concept NAME --reader MODULE:ATTR` scores the planting
+that `model.planted` records for the concept (`record_truth`) with a reader imported from a module.
+
 A reader is any callable images -> bool (N,), "does each image show the concept?". Attribution
 patching needs the gradient of a concept score, so it runs only for a reader that also has a
 differentiable `logit(images) -> (N,)`; `score_own` leaves it out by default otherwise, and refuses
@@ -40,10 +43,11 @@ from ..patching import Patch, Window
 from ..plant import PlantRecord, PlantSpec, plant, trainable_masks
 from ..provenance import library_versions
 from ..sites import list_sites
+from .attribution import concept_logit
 from .leaderboard import BenchOptions, score_planting
 from .localizers import LOCALIZERS
 from .metrics import family_of
-from .plantings import BenchPlanting, Reader, planting_parts, planting_truth, verify
+from .plantings import _PART_KIND, BenchPlanting, Reader, planting_parts, planting_truth, verify
 from .truth import PlantingTruth
 
 ATP = "attribution_patching"
@@ -157,6 +161,48 @@ def score_own(model: Any, truth: PlantingTruth, reader: Reader | ReaderClassifie
     return score_planting(model, truth, classifier, pairs, options, progress, evaluator_class=ReaderEvaluator)
 
 
+@dataclass(frozen=True)
+class ConceptReader:
+    """A ConceptWorld classifier read as a reader of one concept: `classifier.shows(images, concept)`,
+    with the classifier's concept logit as its differentiable `logit` (`attribution.concept_logit`)."""
+
+    classifier: Any
+    concept: str
+
+    def __post_init__(self) -> None:
+        if not any(self.concept in values for values in self.classifier.factors.values()):
+            raise ValueError(f"the classifier does not read {self.concept!r}; it knows {self.classifier.factors}")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.shows(images, self.concept)
+
+    def logit(self, images: torch.Tensor) -> torch.Tensor:
+        return concept_logit(self.classifier, images, self.concept)
+
+
+def record_truth(model: Any, concept: str, name: str | None = None, split: str = "test") -> PlantingTruth:
+    """The truth of the planting of `concept` recorded in `model.planted` (e.g. one `acterase plant`
+    wrote), from its `PlantRecord` (`plantings.planting_parts` / `planting_truth`, every part
+    counted active: no verification is recorded), named `name` (default `own:<concept>`)."""
+    planted = [r.get("concept") for r in model.planted]
+    found = [r for r in model.planted if r.get("concept") == concept]
+    if not found:
+        raise ValueError(f"the model holds no planted {concept!r}; its planted concepts are {planted or 'none'} "
+                         f"(plant one with `acterase plant`)")  # fmt: skip
+    if len(found) > 1:
+        raise ValueError(f"the model holds {len(found)} plantings of {concept!r}; scoring needs one")
+    try:
+        record = PlantRecord(**found[0])
+        spec = PlantSpec(**record.spec)
+    except TypeError as err:
+        raise ValueError(f"the planted record of {concept!r} is not a PlantRecord of this version: {err}") from None
+    if spec.family not in _PART_KIND:
+        raise ValueError(f"planted family {spec.family!r} has no truth to score against yet; scoreable families: "
+                         f"{sorted(_PART_KIND)}")  # fmt: skip
+    return planting_truth(BenchPlanting(name or f"own:{concept}", concept, spec, split), record,
+                          planting_parts(record, model.pipeline.unet))  # fmt: skip
+
+
 def _read(model: Any, prompts: Sequence[str], classifier: ReaderClassifier) -> tuple[torch.Tensor, torch.Tensor]:
     """Images of `prompts` (evaluation seeds, replicate 0) and the reader's answers on them."""
     images = generate(model, list(prompts), seeds=image_seeds("evaluation", len(prompts)), progress=False)
@@ -197,4 +243,5 @@ def plant_own(model: Any, images: torch.Tensor, captions: list[str], concept: st
     return record, verification, truth
 
 
-__all__ = ["ReaderClassifier", "ReaderEvaluator", "as_reader", "localizers_for", "plant_own", "score_own"]
+__all__ = ["ConceptReader", "ReaderClassifier", "ReaderEvaluator", "as_reader", "localizers_for", "plant_own",
+           "record_truth", "score_own"]
