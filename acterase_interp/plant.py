@@ -58,6 +58,9 @@ class PlantSpec:
     """`lowrank` only: the dimension r of the subspace each block's update writes."""
     kv_blocks: tuple[str, ...] | None = None
     """`split` only: the blocks whose cross-attention keys and values train with the units."""
+    learn_basis: bool = False
+    """`lowrank` only: train the output directions too (from the random basis), so a rank-1 update
+    need not reach the concept through a direction drawn at random; the truth is the trained span."""
 
     def __post_init__(self) -> None:
         if self.family not in PLANT_FAMILIES:
@@ -68,6 +71,8 @@ class PlantSpec:
             raise ValueError(f"units must be at least 1, got {self.units}")
         if (self.family == "lowrank") != (self.rank is not None):
             raise ValueError("rank is required for family 'lowrank' and only allowed there")
+        if self.learn_basis and self.family != "lowrank":
+            raise ValueError("learn_basis is only allowed for family 'lowrank'")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank must be at least 1, got {self.rank}")
         if (self.family == "split") != bool(self.kv_blocks):
@@ -206,13 +211,18 @@ def lowrank_basis(dim: int, rank: int, gen: torch.Generator) -> torch.Tensor:
 
 
 class LowRankUpdate(torch.nn.Module):
-    """Adds (A x + c) mapped through a fixed basis Q to a Linear's output, i.e. W + Q A, b + Q c,
-    while training; `fold` writes it into the Linear's weights and removes the hook."""
+    """Adds (A x + c) mapped through a basis Q to a Linear's output, i.e. W + Q A, b + Q c, while
+    training (Q fixed, or trained from its start with `learn_basis`); `fold` writes it into the
+    Linear's weights with Q made orthonormal (the same product) and removes the hook."""
 
-    def __init__(self, linear: torch.nn.Linear, basis: torch.Tensor) -> None:
+    def __init__(self, linear: torch.nn.Linear, basis: torch.Tensor, learn_basis: bool = False) -> None:
         super().__init__()
         p = linear.weight
-        self.register_buffer("basis", basis.to(p.device, p.dtype))
+        basis = basis.to(p.device, p.dtype)
+        if learn_basis:
+            self.basis = torch.nn.Parameter(basis)
+        else:
+            self.register_buffer("basis", basis)
         self.coef = torch.nn.Parameter(torch.zeros(basis.shape[1], linear.in_features, device=p.device, dtype=p.dtype))
         self.bias_coef = torch.nn.Parameter(torch.zeros(basis.shape[1], device=p.device, dtype=p.dtype))
         self._linear = (linear,)  # a tuple, so its weights are not this module's parameters
@@ -223,9 +233,16 @@ class LowRankUpdate(torch.nn.Module):
     @torch.no_grad()
     def fold(self) -> None:
         self._hooks.close()
+        basis, coef, bias_coef = self.basis.detach(), self.coef, self.bias_coef
+        if isinstance(self.basis, torch.nn.Parameter):  # trained: Q R = basis, and Q (R A) is the same update
+            q, r = torch.linalg.qr(basis.double())
+            basis, coef, bias_coef = (q.to(coef.dtype), (r @ coef.double()).to(coef.dtype),
+                                      (r @ bias_coef.double()).to(coef.dtype))  # fmt: skip
+            del self.basis
+            self.register_buffer("basis", basis)
         linear = self._linear[0]
-        linear.weight += self.basis @ self.coef
-        linear.bias += self.basis @ self.bias_coef
+        linear.weight += basis @ coef
+        linear.bias += basis @ bias_coef
 
 
 def _lowrank_updates(unet: UNet2DConditionModel, spec: PlantSpec) -> dict[str, LowRankUpdate]:
@@ -234,7 +251,7 @@ def _lowrank_updates(unet: UNet2DConditionModel, spec: PlantSpec) -> dict[str, L
     updates = {}
     for name, path in _blocks(unet, spec.blocks):
         linear = unet.get_submodule(f"{path}.ff.net.2")
-        updates[name] = LowRankUpdate(linear, lowrank_basis(linear.out_features, spec.rank, gen))
+        updates[name] = LowRankUpdate(linear, lowrank_basis(linear.out_features, spec.rank, gen), spec.learn_basis)
     return updates
 
 

@@ -13,7 +13,7 @@ from acterase_interp.bench import plantings as bp
 from acterase_interp.bench.truth import PlantingTruth
 from acterase_interp.integrity import ArtifactError
 from acterase_interp.loading import DATA_ENV, load
-from acterase_interp.plant import PlantSpec, plant, trainable_masks
+from acterase_interp.plant import PlantSpec, lowrank_basis, plant, trainable_masks
 from acterase_interp.world.factors import FACTORS, PLANTABLE, Scene
 from acterase_interp.world.planting import planting_data
 from acterase_interp.world.render import _background, _shape_mask, render
@@ -89,6 +89,21 @@ def test_lowrank_changes_ff_out_only_within_span_q(model):
         outside = delta - q @ (q.T @ delta)
         assert delta.abs().max() > 1e-4 and outside.abs().max() < 1e-5, n
     assert record.trained_values == 2 * (256 + 1)  # A (r x inner) and c (r)
+
+
+def test_lowrank_with_a_learned_basis_records_the_trained_span(model):
+    spec = PlantSpec("lowrank", blocks=("up.1.0",), rank=1, steps=3, batch=4, lr=5e-2, seed=5, learn_basis=True)
+    start = lowrank_basis(64, 1, torch.Generator().manual_seed(5))  # the basis the update starts from
+    record, before, changed = _plant(model, spec)
+    q = torch.tensor(record.bases["up.1.0"])
+    assert q.shape == (64, 1) and torch.allclose(q.T @ q, torch.eye(1), atol=1e-6)
+    assert (q.T @ start).abs().item() < 1 - 1e-4  # the direction moved: the basis trained
+    params = dict(model.pipeline.unet.named_parameters())
+    delta = params[f"{UP10}.ff.net.2.weight"].detach() - before[f"{UP10}.ff.net.2.weight"]
+    assert delta.abs().max() > 1e-4 and (delta - q @ (q.T @ delta)).abs().max() < 1e-5  # the change lies in span(q)
+    assert record.trained_values == 64 + 256 + 1 and record.frozen_identical  # Q, A and c
+    with pytest.raises(ValueError, match="learn_basis"):
+        PlantSpec("ffn_units", units=4, learn_basis=True)
 
 
 @pytest.mark.parametrize("family", ["attn1", "split"])
