@@ -409,14 +409,14 @@ def _score_reader(spec: str, concept: str, device: str) -> Any:
 def _score_pairs(args: argparse.Namespace) -> PromptPairs:
     """The pairs of `--pairs` (a JSON file), else ConceptWorld pairs of the concept; `--n-pairs` of them."""
     from .integrity import ArtifactError, read_object
-    from .world.factors import factor_of
+    from .world.concept import as_concept
     from .world.pairs import conceptworld_pairs
 
     if args.n_pairs is not None and args.n_pairs < 1:
         raise ValueError(f"--n-pairs must be at least 1, got {args.n_pairs}")
     if args.pairs is None:
         try:
-            factor_of(args.concept)
+            as_concept(args.concept)
         except ValueError:
             raise ValueError(f"{args.concept!r} is not a ConceptWorld value, so there are no default prompt pairs: "
                              'give --pairs PAIRS.json, {"targets": [...], "sources": [...], '
