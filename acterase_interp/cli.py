@@ -469,10 +469,9 @@ def _reader_source(spec: str) -> dict[str, Any] | None:
 
 
 def _score(args: argparse.Namespace) -> None:
-    from .bench.leaderboard import GOALS, BenchOptions, _jsonable, markdown_table
-    from .bench.own import ATP, localizers_for, record_truth, score_own
+    from .bench.leaderboard import BenchOptions, manifest, markdown_table
+    from .bench.own import check_localizers, localizers_for, record_truth, score_own
     from .io import atomic_write_json, atomic_write_text
-    from .provenance import git_commit, library_versions
 
     # bad input fails before the model loads: the reader, the pairs, the options
     reader = _score_reader(args.reader, args.concept, args.device)
@@ -483,19 +482,13 @@ def _score(args: argparse.Namespace) -> None:
     grid = {"faithfulness_grid": tuple(args.grid)} if args.grid else {}
     options = BenchOptions(n_pairs=len(pairs), seeds=tuple(args.seeds), num_inference_steps=args.steps,
                            localizers=tuple(args.localizers or supported), **grid)  # fmt: skip
-    if ATP in options.localizers and ATP not in supported:
-        raise ValueError(f"{ATP} needs a reader with a differentiable `logit(images) -> (N,)` method; "
-                         f"{args.reader} has none: leave it out of --localizers")  # fmt: skip
+    check_localizers(options.localizers, reader)
     out = Path(args.out) if args.out else Path("results") / f"own-{args.concept.replace('/', '_').replace(os.sep, '_')}"
     model = load(args.model, device=args.device, verify=not args.no_verify)
     truth = record_truth(model, args.concept)
     result = score_own(model, truth, reader, pairs, options)
-    result["manifest"] = {
-        "command": _score_command(args, out), "model": args.model, "concept": args.concept, "reader": args.reader,
-        "reader_source": _reader_source(args.reader), "pairs": pairs.to_dict(), "options": options.to_dict(),
-        "localizers": {loc.name: _jsonable(loc.options()) for loc in options.build()}, "goals": GOALS,
-        "versions": library_versions(), "git_commit": git_commit(),
-    }  # fmt: skip
+    result["manifest"] = manifest(options, _score_command(args, out), model=args.model, concept=args.concept,
+                                  reader=args.reader, reader_source=_reader_source(args.reader), pairs=pairs.to_dict())  # fmt: skip
     table = markdown_table(result["rows"])
     atomic_write_json(result, out / "results.json")
     atomic_write_text(table, out / "table.md")

@@ -337,13 +337,17 @@ def run_leaderboard(plantings: Sequence[str], options: BenchOptions, out: Path, 
     board = {
         "rows": [r for c in results for r in c["rows"]],
         "curves": [r for c in results for r in c["curves"]],
-        "manifest": {"options": options.to_dict(), "localizers": {l.name: _jsonable(l.options()) for l in options.build()},
-                     "plantings": {n: c["planting"] for n, c in zip(plantings, results)}, "goals": GOALS,
-                     "versions": library_versions(), "git_commit": git_commit(), "command": command},
-    }  # fmt: skip
+        "manifest": manifest(options, command, plantings={n: c["planting"] for n, c in zip(plantings, results)}),
+    }
     atomic_write_json(board, out / "results.json")
     atomic_write_text(markdown_table(board["rows"]), out / "table.md")
     return board
+
+
+def manifest(options: BenchOptions, command: str | None, **extra: Any) -> dict[str, Any]:
+    """What a scored result rests on: options, each localizer's settings, goals, versions, commit, command."""
+    return {"options": options.to_dict(), "localizers": {l.name: _jsonable(l.options()) for l in options.build()},
+            **extra, "goals": GOALS, "versions": library_versions(), "git_commit": git_commit(), "command": command}  # fmt: skip
 
 
 def _jsonable(options: dict[str, Any]) -> dict[str, Any]:

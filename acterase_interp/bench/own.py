@@ -136,6 +136,13 @@ def localizers_for(reader: Reader | ReaderClassifier) -> tuple[str, ...]:
     return tuple(n for n in LOCALIZERS if n != ATP or as_reader(reader).differentiable)
 
 
+def check_localizers(localizers: Sequence[str], reader: Reader | ReaderClassifier) -> None:
+    """A clear error when `localizers` asks for attribution patching and `reader` has no `logit`."""
+    if ATP in localizers and not as_reader(reader).differentiable:
+        raise ValueError(f"{ATP} needs a reader with a differentiable `logit(images) -> (N,)`; this reader has "
+                         f"none: leave {ATP} out of the localizers (`localizers_for(reader)`)")  # fmt: skip
+
+
 def _check_truth(model: Any, truth: PlantingTruth, families: Sequence[str]) -> None:
     known = {s.name for s in list_sites(model.pipeline.unet)}
     if missing := [s for s in truth.sites if s not in known]:
@@ -152,9 +159,7 @@ def score_own(model: Any, truth: PlantingTruth, reader: Reader | ReaderClassifie
     `BenchOptions`' defaults). Rows work with `leaderboard.markdown_table` and `heatmap`."""
     classifier = as_reader(reader)
     options = options or BenchOptions(localizers=localizers_for(classifier))
-    if ATP in options.localizers and not classifier.differentiable:
-        raise ValueError(f"{ATP} needs a reader with a differentiable `logit(images) -> (N,)`; this reader has "
-                         f"none: leave {ATP} out of options.localizers (`localizers_for(reader)`)")  # fmt: skip
+    check_localizers(options.localizers, classifier)
     if pairs.concept != truth.concept:
         raise ValueError(f"the pairs are of {pairs.concept!r} but the truth plants {truth.concept!r}")
     _check_truth(model, truth, options.families)
