@@ -194,6 +194,8 @@ def _plant_parser(plant: argparse.ArgumentParser) -> None:
     plant.add_argument("--kv-blocks", nargs="+", help="split: blocks whose cross-attention K/V train with the units")
     plant.add_argument("--learn-basis", action="store_true", help="lowrank: train the subspace's directions too "
                        "(from a random basis; the truth is the trained span)")  # fmt: skip
+    plant.add_argument("--preserve", type=float, default=0.0, help="weight of an anchor keeping the replay images' "
+                       "predictions at the unplanted model's, against drift (default: 0, none)")  # fmt: skip
     plant.add_argument("--steps", type=int, default=600, help="training steps (default: 600), not denoising steps")
     plant.add_argument("--lr", type=float, default=5e-4)
     plant.add_argument("--batch", type=int, default=64)
@@ -337,7 +339,7 @@ def _plant(args: argparse.Namespace) -> None:
     spec = None if args.shipped else PlantSpec(args.family, tuple(args.blocks) if args.blocks else None, args.units,
                                                 args.steps, args.lr, args.batch, args.seed, rank=args.rank,
                                                 kv_blocks=tuple(args.kv_blocks) if args.kv_blocks else None,
-                                                learn_basis=args.learn_basis)  # fmt: skip
+                                                learn_basis=args.learn_basis, preserve=args.preserve)  # fmt: skip
     model = load(args.model, verify=not args.no_verify)
     if spec is None:
         records = plant_shipped(model)

@@ -18,10 +18,14 @@ Families of trainable parameters, per chosen transformer block:
   not aligned with units (the record keeps Q);
 - `split`: `units` hidden units of the `blocks` (as `ffn_units`) and `attn2_kv` of the `kv_blocks`,
   trained together, so one concept lives in two places.
+
+`PlantSpec.preserve` anchors the images of what the model already draws to the unplanted model's
+predictions, so that a planting with much capacity (self-attention, many units) does not drift.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -61,6 +65,11 @@ class PlantSpec:
     learn_basis: bool = False
     """`lowrank` only: train the output directions too (from the random basis), so a rank-1 update
     need not reach the concept through a direction drawn at random; the truth is the trained span."""
+    preserve: float = 0.0
+    """Weight of an anchor on the replay images (`plant(..., replay=)`): the squared distance of the
+    noise prediction there to the prediction of the UNet before planting, so that what the model
+    already draws does not drift while the concept is learned (0: no anchor, the v2 recipe). Holds a
+    frozen copy of the UNet while training."""
 
     def __post_init__(self) -> None:
         if self.family not in PLANT_FAMILIES:
@@ -79,6 +88,8 @@ class PlantSpec:
             raise ValueError("kv_blocks is required for family 'split' and only allowed there")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0:
             raise ValueError(f"steps, batch and lr must be positive, got {self.steps}, {self.batch}, {self.lr}")
+        if self.preserve < 0:
+            raise ValueError(f"preserve must be 0 or more, got {self.preserve}")
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
 
@@ -140,16 +151,25 @@ def denoising_loss(
     gen: torch.Generator,
     min_snr_gamma: float,
     added_cond_kwargs: dict[str, torch.Tensor] | None = None,
+    anchor: tuple[UNet2DConditionModel, torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
     """The epsilon-prediction loss with min-SNR weighting at random timesteps (`added_cond_kwargs`:
-    an SDXL UNet's pooled embeddings and time ids)."""
+    an SDXL UNet's pooled embeddings and time ids). `anchor` = (frozen UNet, bool per item, weight)
+    adds, for the chosen items, the weighted distance of the prediction to the frozen UNet's."""
     t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(z0),), generator=gen)
     noise = torch.randn(z0.shape, generator=gen).to(z0.device)
     x_t = noise_sched.add_noise(z0, noise, t)
     pred = unet(x_t, t.to(z0.device), encoder_hidden_states=cond, added_cond_kwargs=added_cond_kwargs).sample
     snr = noise_sched.alphas_cumprod[t] / (1 - noise_sched.alphas_cumprod[t])
     weight = (torch.clamp(snr, max=min_snr_gamma) / snr).to(z0.device)
-    return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    loss = (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+    if anchor is not None and (keep := anchor[1].to(z0.device)).any():
+        with torch.no_grad():
+            added = {k: v[keep] for k, v in added_cond_kwargs.items()} if added_cond_kwargs else None
+            target = anchor[0](x_t[keep], t[keep].to(z0.device), encoder_hidden_states=cond[keep],
+                               added_cond_kwargs=added).sample  # fmt: skip
+        loss = loss + anchor[2] * (weight[keep] * ((pred[keep] - target) ** 2).mean(dim=(1, 2, 3))).sum() / len(z0)
+    return loss
 
 
 def _blocks(unet: UNet2DConditionModel, wanted: tuple[str, ...] | None) -> list[tuple[str, str]]:
@@ -280,18 +300,24 @@ def plant(
     spec: PlantSpec = PlantSpec(),
     *,
     data: dict | None = None,
+    replay: torch.Tensor | None = None,
     progress: bool = True,
 ) -> PlantRecord:
     """Fine-tune `pipeline.unet` in place on `images` (N, 3, H, W) in [-1, 1] with their `captions`,
     training only the parameters `spec` names; the text encoder and VAE stay frozen. Mix images of
     the new concept with images of what the model already draws, or the rest drifts. Raises if
-    anything outside the trained entries changed. `data` describes the images for the record."""
+    anything outside the trained entries changed. `data` describes the images for the record;
+    `replay` (bool per image: it shows what the model already draws) is required by `spec.preserve`."""
     if len(images) != len(captions) or not len(images):
         raise ValueError(f"need as many captions as images (at least one), got {len(captions)} and {len(images)}")
+    if spec.preserve and (replay is None or len(replay) != len(images)):
+        raise ValueError(f"spec.preserve needs replay: one bool per image ({len(images)}), got "
+                         f"{None if replay is None else len(replay)}")  # fmt: skip
     start = time.perf_counter()
     unet, vae, text_encoder = pipeline.unet, pipeline.vae, pipeline.text_encoder
     device = next(unet.parameters()).device
     masks, units = trainable_masks(unet, spec)
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False) if spec.preserve else None  # before any hook
     updates = _lowrank_updates(unet, spec) if spec.family == "lowrank" else {}
     modules = (unet, text_encoder, vae)
     before = _snapshot(*modules)
@@ -317,7 +343,8 @@ def plant(
         z0 = z0 * vae.config.scaling_factor
         drop = (torch.rand(spec.batch, generator=gen) < spec.p_uncond).tolist()
         cond = encode(["" if d else captions[i] for i, d in zip(idx.tolist(), drop)])
-        loss = denoising_loss(unet, z0.to(device), cond, noise_sched, gen, spec.min_snr_gamma)
+        anchor = (teacher, torch.as_tensor(replay)[idx].bool(), spec.preserve) if teacher is not None else None
+        loss = denoising_loss(unet, z0.to(device), cond, noise_sched, gen, spec.min_snr_gamma, anchor=anchor)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         for name, mask in masks.items():

@@ -106,3 +106,61 @@ def test_plant_on_random_sd15(random_sd):
     assert record.units["mid.0"] == sorted(record.units["mid.0"]) and len(record.units["mid.0"]) == 8
     with pytest.raises(ValueError, match="as many captions"):
         plant(random_sd.pipeline, images, captions[:3], "heart", spec, progress=False)
+
+
+class _Shifted:
+    """A frozen UNet stand-in whose prediction is `unet`'s plus a constant."""
+
+    def __init__(self, unet, shift: float) -> None:
+        self.unet, self.shift = unet, shift
+
+    def __call__(self, x, t, encoder_hidden_states, added_cond_kwargs=None):
+        out = self.unet(x, t, encoder_hidden_states=encoder_hidden_states)
+        return type(out)(sample=out.sample + self.shift)
+
+
+def test_anchor_adds_the_weighted_squared_distance_on_the_replay_items(conceptworld):
+    from diffusers import DDPMScheduler
+
+    from acterase_interp.plant import denoising_loss
+
+    unet = conceptworld.pipeline.unet
+    sched = DDPMScheduler.from_config(conceptworld.pipeline.scheduler.config)
+    size, n = unet.config.sample_size, 4
+    z0 = torch.randn(n, unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(n, 6, unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    keep = torch.tensor([True, False, True, False])
+
+    def loss(anchor):
+        with torch.no_grad():
+            return denoising_loss(unet, z0, cond, sched, torch.Generator().manual_seed(3), 5.0, anchor=anchor).item()
+
+    t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=torch.Generator().manual_seed(3))
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    weight = torch.clamp(snr, max=5.0) / snr
+    expected = 2.0 * 0.5**2 * weight[keep].sum().item() / n  # weight 2, shift 0.5, averaged over the batch
+    assert loss((_Shifted(unet, 0.5), keep, 2.0)) - loss(None) == pytest.approx(expected, rel=1e-3)
+    assert loss((_Shifted(unet, 0.0), keep, 2.0)) == pytest.approx(loss(None), rel=1e-6)  # the same model: no pull
+
+
+def test_preserve_needs_replay_and_without_replay_items_changes_nothing(conceptworld):
+    _, images, captions, _ = planting_data("heart", n_images=16, seed=0)
+    spec = PlantSpec("ffn_units", blocks=("up.0.1",), units=4, steps=2, batch=4, lr=1e-2, preserve=1.0)
+    with pytest.raises(ValueError, match="replay"):
+        plant(conceptworld.pipeline, images, captions, "heart", spec, progress=False)
+    with pytest.raises(ValueError, match="preserve"):
+        PlantSpec(preserve=-1.0)
+    params = dict(conceptworld.pipeline.unet.named_parameters())
+    masks, _ = trainable_masks(conceptworld.pipeline.unet, spec)
+    saved = {n: params[n].detach().clone() for n in masks}
+    trained = []
+    for s, replay in ((spec, torch.zeros(16, dtype=torch.bool)), (PlantSpec(**{**spec.__dict__, "preserve": 0.0}), None)):
+        try:
+            plant(conceptworld.pipeline, images, captions, "heart", s, replay=replay, progress=False)
+            trained.append({n: params[n].detach().clone() for n in masks})
+        finally:
+            with torch.no_grad():
+                for n, v in saved.items():
+                    params[n].copy_(v)
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in masks)  # no replay item: the v2 recipe, bit for bit
+    assert any(not torch.equal(trained[0][n], saved[n]) for n in masks)

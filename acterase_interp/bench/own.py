@@ -217,14 +217,15 @@ def _read(model: Any, prompts: Sequence[str], classifier: ReaderClassifier) -> t
 def plant_own(model: Any, images: torch.Tensor, captions: list[str], concept: str, spec: PlantSpec,
               reader: Reader | ReaderClassifier, target_prompts: Sequence[str], source_prompts: Sequence[str],
               non_target_prompts: Sequence[str] = (), *, name: str | None = None, split: str = "test",
-              progress: bool = True) -> tuple[PlantRecord, dict, PlantingTruth]:  # fmt: skip
+              replay: torch.Tensor | None = None, progress: bool = True) -> tuple[PlantRecord, dict, PlantingTruth]:  # fmt: skip
     """Plant `concept` into `model` in place (`plant.plant` on `images` (N, 3, H, W) in [-1, 1] and
     their `captions`), verify it with `reader` as `plantings.verify` does (the drawn rate on
     `target_prompts`, each planted part's share removed when restored alone; evaluation seeds), and
     return (record, verification, truth). With `non_target_prompts`, the verification's
     "non_target" holds the reader's rate on them before and after planting and the mean same-seed
     image change (`metrics.image_distance`). The prompts and reader are checked before planting;
-    the record joins `model.planted`; the truth is named `name` (default `own:<concept>`)."""
+    the record joins `model.planted`; the truth is named `name` (default `own:<concept>`). `replay`
+    marks the images of what the model already draws (`PlantSpec.preserve` anchors them)."""
     pairs = PromptPairs(concept, target_prompts, source_prompts, non_target=non_target_prompts)  # errors before training
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
@@ -234,7 +235,7 @@ def plant_own(model: Any, images: torch.Tensor, captions: list[str], concept: st
     params = dict(unet.named_parameters())
     before = {n: params[n].detach().clone() for n in trainable_masks(unet, spec)[0]}
     unplanted = _read(model, pairs.non_target, classifier) if pairs.non_target else None
-    record = plant(model.pipeline, images, captions, concept, spec, progress=progress)
+    record = plant(model.pipeline, images, captions, concept, spec, replay=replay, progress=progress)
     object.__setattr__(model, "planted", [*model.planted, record.to_dict()])  # as `plantings.load_planting` does
     seeds = image_seeds("evaluation", len(pairs))
     verification = verify(model, record, before, classifier.shows, pairs.targets, seeds, progress)

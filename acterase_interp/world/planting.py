@@ -80,8 +80,9 @@ def plant_concept(
 ) -> PlantRecord:
     """Plant a ConceptWorld `concept` into `pipeline` in place (see the module docstring)."""
     concept = check_plantable(concept)
-    _, images, captions, data = planting_data(concept, known, n_images, fraction, spec.seed)
-    record = plant(pipeline, images, captions, concept.value, spec, data=data, progress=progress)
+    scenes, images, captions, data = planting_data(concept, known, n_images, fraction, spec.seed)
+    replay = torch.tensor([getattr(s, concept.factor) != concept.value for s in scenes])
+    record = plant(pipeline, images, captions, concept.value, spec, data=data, replay=replay, progress=progress)
     record.data["factor"] = concept.factor
     return record
 
