@@ -76,7 +76,7 @@ class BenchPlanting:
 
 PLANTINGS: tuple[BenchPlanting, ...] = (
     BenchPlanting("ring_u32_b2", "ring", PlantSpec("ffn_units", blocks=("mid.0", "up.0.0"), units=32, steps=1600, lr=5e-3, seed=21), "dev"),
-    BenchPlanting("orange_r1", "orange", PlantSpec("lowrank", blocks=("up.0.0", "up.0.1"), rank=1, steps=1500, lr=2e-2, seed=22, learn_basis=True), "dev"),
+    BenchPlanting("orange_r1", "orange", PlantSpec("lowrank", blocks=("up.0.0", "up.0.1"), rank=1, steps=3000, lr=2e-2, seed=22, learn_basis=True), "dev"),
     BenchPlanting("grid_split", "grid", PlantSpec("split", blocks=("up.0.0",), units=32, kv_blocks=("up.0.1",), steps=1500, lr=5e-3, seed=23), "dev"),
     BenchPlanting("brown_attn1", "brown", PlantSpec("attn1", blocks=("up.0.0", "up.0.1"), steps=1000, lr=3e-3, seed=24), "dev", 1 / 6),
     BenchPlanting("diamond_u8_b1", "diamond", PlantSpec("ffn_units", blocks=("up.0.0",), units=8, steps=1200, lr=5e-3, seed=25), "test"),
@@ -385,9 +385,10 @@ def _summary(p: BenchPlanting, v: dict) -> str:
 
 
 def markdown_table() -> str:
-    """One row per stored planting: where, how trained, drawn, natural change, parts, captured variance."""
-    lines = ["| planting | concept | family | sites | units / rank | steps | lr | s | drawn | natural max abs delta "
-             "| share removed per part (± se) | captured variance | split |", "|---" * 13 + "|"]  # fmt: skip
+    """One row per stored planting: where, how trained (anchor: `PlantSpec.preserve`), drawn, natural
+    change, parts, captured variance."""
+    lines = ["| planting | concept | family | sites | units / rank | steps | lr | anchor | s | drawn | natural max abs delta "
+             "| share removed per part (± se) | captured variance | split |", "|---" * 14 + "|"]  # fmt: skip
     for p in PLANTINGS:
         path = bench_dir() / p.name / TRUTH
         if not path.exists():
@@ -402,7 +403,7 @@ def markdown_table() -> str:
         drawn_ = f"{v['drawn']:.0%}" if v else "unverified"
         nat = f"{v['natural_max_abs_delta'] * 100:.1f} pts" if v else ""
         lines.append(f"| {p.name} | {p.concept} | {p.spec.family} | {', '.join(t['sites'])} | {size} | {p.spec.steps} | "
-                     f"{p.spec.lr:g} | {r['seconds']:.0f} | {drawn_} | {nat} | {parts} | {cv or '-'} | {p.split} |")  # fmt: skip
+                     f"{p.spec.lr:g} | {p.spec.preserve or '-'} | {r['seconds']:.0f} | {drawn_} | {nat} | {parts} | {cv or '-'} | {p.split} |")  # fmt: skip
     return "\n".join(lines)
 
 
