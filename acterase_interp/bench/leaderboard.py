@@ -426,6 +426,22 @@ def goal_summary(rows: Sequence[dict], split: str = "test") -> dict[str, Any]:
     return {"split": split, "cells_met": met, "cells": len(wanted), "best_localizer": best, "goals": cells}
 
 
+def best_by_family(rows: Sequence[dict], metric: str, split: str = "test") -> dict[str, tuple[str, float]]:
+    """Which localizer to trust for which kind of concept: per planting family of the half, the
+    localizer with the best mean `metric` over that family's plantings (lowest for principal
+    angles), and that mean. Families without a measured value are left out."""
+    lower = metric in GOALS and GOALS[metric][0] == "<="
+    out = {}
+    for family in sorted({r["family"] for r in rows if r["split"] == split}):
+        chosen = [r for r in rows if r["split"] == split and r["family"] == family and r["metric"] == metric]
+        means = {loc: _mean([r["value"] for r in chosen if r["localizer"] == loc]) for loc in {r["localizer"] for r in chosen}}
+        means = {loc: m for loc, m in sorted(means.items()) if m is not None}
+        if means:
+            winner = (min if lower else max)(means, key=means.get)
+            out[family] = (winner, means[winner])
+    return out
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None

@@ -307,3 +307,18 @@ def test_inactive_sites_are_scored_apart_against_the_unplanted_sites():
     # b (5 / 3.5 = 1.43) outranks d (0.29), e (0.57) and f (0.02), not c (1.71): 3 of 4
     assert rows["inactive_site_auc"].value == pytest.approx(3 / 4) and rows["inactive_site_auc"].met is None
     assert rows["site_auc"].value == 1.0  # the inactive site is on neither side of the main score
+
+
+def test_best_by_family_averages_each_localizer_over_a_familys_plantings():
+    def row(loc, planting, family, metric, value, split="test"):
+        return {"localizer": loc, "planting": planting, "split": split, "family": family, "metric": metric, "value": value}
+
+    rows = [row("a", "u1", "ffn_units", "unit_auroc", 0.9), row("a", "u2", "ffn_units", "unit_auroc", 0.7),  # a: 0.8
+            row("b", "u1", "ffn_units", "unit_auroc", 0.85), row("b", "u2", "ffn_units", "unit_auroc", 0.85),  # b: 0.85
+            row("a", "r", "lowrank", "principal_angle", 10.0), row("b", "r", "lowrank", "principal_angle", 40.0),
+            row("c", "r", "lowrank", "principal_angle", None),  # not measured: never chosen
+            row("c", "u1", "ffn_units", "unit_auroc", 1.0, split="dev")]  # fmt: skip
+    best = board.best_by_family(rows, "unit_auroc")
+    assert best["ffn_units"][0] == "b" and best["ffn_units"][1] == pytest.approx(0.85) and "lowrank" not in best
+    assert board.best_by_family(rows, "principal_angle") == {"lowrank": ("a", 10.0)}  # lower is better
+    assert board.best_by_family(rows, "unit_auroc", "dev") == {"ffn_units": ("c", 1.0)}
