@@ -442,6 +442,38 @@ def best_by_family(rows: Sequence[dict], metric: str, split: str = "test") -> di
     return out
 
 
+TRUST_METRICS = ("site_auc", "unit_auroc", "principal_angle")
+"""What a user trusts a localizer for: the sites, the units and the subspace of a concept."""
+
+
+def trust_table(rows: Sequence[dict], split: str = "test") -> str:
+    """Markdown: per planting family of the half, the localizer to trust for each of `TRUST_METRICS`
+    (`best_by_family`) with its mean, or n/a where the family's truth has no such part."""
+    trust = {m: best_by_family(rows, m, split) for m in TRUST_METRICS}
+    lines = [f"| kind of planting ({split} half) | best site ranking (mean site AUC) | best unit ranking (mean unit AUROC) "
+             "| closest subspace (largest angle) |", "|---|---|---|---|"]  # fmt: skip
+    for family in sorted({f for by in trust.values() for f in by}):
+        cells = [f"{by[family][0]} ({by[family][1]:.3f})" if family in by else "n/a" for by in trust.values()]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def trust_findings(rows: Sequence[dict], split: str = "test") -> list[str]:
+    """Findings lines: the best localizer's goal cells on the half, and per planting family whom to
+    trust for sites, units and subspace."""
+    s = goal_summary(rows, split)
+    out = [f"- benchmark, {split} half: the best localizer is {s['best_localizer']}, meeting "
+           f"{s['cells_met'][s['best_localizer']]} of {s['cells']} goal cells; the thresholded ActErase mask "
+           f"meets {s['cells_met'].get('acterase_mask', 0)}"]  # fmt: skip
+    sites, units, subspace = (best_by_family(rows, m, split) for m in TRUST_METRICS)
+    for family, (loc, value) in sites.items():
+        unit, sub = units.get(family), subspace.get(family)
+        out.append(f"- benchmark, {family} plantings: trust {loc} for sites (mean site AUC {value:.3f})"
+                   + (f", {unit[0]} for units (mean unit AUROC {unit[1]:.3f})" if unit else "")
+                   + (f", {sub[0]} for the subspace ({sub[1]:.1f} degrees)" if sub else ""))  # fmt: skip
+    return out
+
+
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return sum(kept) / len(kept) if kept else None

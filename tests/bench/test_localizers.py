@@ -322,3 +322,21 @@ def test_best_by_family_averages_each_localizer_over_a_familys_plantings():
     assert best["ffn_units"][0] == "b" and best["ffn_units"][1] == pytest.approx(0.85) and "lowrank" not in best
     assert board.best_by_family(rows, "principal_angle") == {"lowrank": ("a", 10.0)}  # lower is better
     assert board.best_by_family(rows, "unit_auroc", "dev") == {"ffn_units": ("c", 1.0)}
+
+
+def test_trust_table_and_findings_name_the_best_by_family_localizers():
+    def row(loc, planting, family, metric, value, met=None):
+        return {"localizer": loc, "planting": planting, "split": "test", "family": family, "metric": metric,
+                "value": value, "met": met}  # fmt: skip
+
+    rows = [row("a", "u", "ffn_units", "site_auc", 0.9), row("b", "u", "ffn_units", "site_auc", 0.6),
+            row("a", "u", "ffn_units", "unit_auroc", 0.7), row("b", "u", "ffn_units", "unit_auroc", 0.95, met=False),
+            row("a", "u", "ffn_units", "sites_first", 1.0, met=True), row("b", "u", "ffn_units", "sites_first", 0.0, met=False),
+            row("a", "r", "lowrank", "site_auc", 0.5), row("b", "r", "lowrank", "site_auc", 0.8),
+            row("a", "r", "lowrank", "principal_angle", 30.0), row("b", "r", "lowrank", "principal_angle", 12.5)]  # fmt: skip
+    table = board.trust_table(rows).splitlines()
+    assert table[2:] == ["| ffn_units | a (0.900) | b (0.950) | n/a |", "| lowrank | b (0.800) | n/a | b (12.500) |"]
+    lines = board.trust_findings(rows)
+    assert lines[0].startswith("- benchmark, test half: the best localizer is a, meeting 1 of ")
+    assert lines[1:] == ["- benchmark, ffn_units plantings: trust a for sites (mean site AUC 0.900), b for units (mean unit AUROC 0.950)",
+                         "- benchmark, lowrank plantings: trust b for sites (mean site AUC 0.800), b for the subspace (12.5 degrees)"]  # fmt: skip
