@@ -3,6 +3,7 @@ overlay's base check, and verification with any reader."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -225,3 +226,16 @@ def test_bench_classifier_reads_every_value_also_through_the_vae():
     vae = load("conceptworld").pipeline.vae
     roundtrip = per_value_accuracy(classifier, scenes, vae_roundtrip(vae, clean))
     assert min(roundtrip.values()) >= 0.85, roundtrip
+
+
+@pytest.mark.parametrize("p", bp.PLANTINGS, ids=lambda p: p.name)
+def test_stored_planting_was_made_by_its_recipe(p):
+    """The committed truth.json of each planting records exactly the recipe in `PLANTINGS`, so a
+    recipe changed without planting again (or a planting stored under another name) is caught."""
+    stored = json.loads((bp.bench_dir() / p.name / bp.TRUTH).read_text())
+    spec = {**vars(p.spec), "blocks": list(p.spec.blocks), "kv_blocks": list(p.spec.kv_blocks) if p.spec.kv_blocks else None}
+    defaults = {f.name: f.default for f in dataclasses.fields(PlantSpec)}  # fields added after a planting was made
+    assert {**{k: defaults[k] for k in spec}, **stored["record"]["spec"]} == spec
+    assert stored["record"]["concept"] == stored["truth"]["concept"] == p.concept
+    assert (stored["truth"]["name"], stored["truth"]["split"]) == (p.name, p.split)
+    assert stored["record"]["data"]["fraction"] == pytest.approx(p.fraction)
