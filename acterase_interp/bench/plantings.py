@@ -77,7 +77,7 @@ class BenchPlanting:
 PLANTINGS: tuple[BenchPlanting, ...] = (
     BenchPlanting("ring_u32_b2", "ring", PlantSpec("ffn_units", blocks=("mid.0", "up.0.0"), units=32, steps=1600, lr=5e-3, seed=21), "dev"),
     BenchPlanting("orange_r1", "orange", PlantSpec("lowrank", blocks=("up.0.0", "up.0.1", "up.1.0", "up.1.1"), rank=1, steps=3000, lr=2e-2, seed=22, learn_basis=True), "dev"),
-    BenchPlanting("grid_split", "grid", PlantSpec("split", blocks=("up.0.0", "up.1.0"), units=32, kv_blocks=("up.0.1", "up.1.1"), steps=2000, lr=5e-3, seed=23, preserve=1.0), "dev"),
+    BenchPlanting("grid_split", "grid", PlantSpec("split", blocks=("up.0.0", "up.1.0"), units=128, kv_blocks=("up.0.1", "up.1.1"), steps=3000, lr=5e-3, seed=23, preserve=3.0), "dev", 1 / 2),
     BenchPlanting("brown_attn1", "brown", PlantSpec("attn1", blocks=("up.0.0", "up.0.1"), steps=1000, lr=3e-3, seed=24), "dev", 1 / 6),
     BenchPlanting("diamond_u8_b1", "diamond", PlantSpec("ffn_units", blocks=("up.0.0",), units=8, steps=1200, lr=5e-3, seed=25), "test"),
     BenchPlanting("arrow_u128_b4", "arrow", PlantSpec("ffn_units", blocks=("down.1.0", "mid.0", "up.0.0", "up.0.1"), units=128, steps=800, lr=2e-3, seed=26), "test"),
