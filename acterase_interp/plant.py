@@ -93,6 +93,11 @@ class PlantSpec:
         if not 0 <= self.p_uncond < 1:
             raise ValueError(f"p_uncond must be in [0, 1), got {self.p_uncond}")
 
+    def to_dict(self) -> dict:
+        """The spec as `PlantRecord.spec` keeps it (JSON: block tuples as lists)."""
+        return {**asdict(self), "blocks": list(self.blocks) if self.blocks else None,
+                "kv_blocks": list(self.kv_blocks) if self.kv_blocks else None}  # fmt: skip
+
 
 @dataclass
 class PlantRecord:
@@ -366,8 +371,7 @@ def plant(
         n_trained = sum(p.numel() for p in trained)
     return PlantRecord(
         concept=concept,
-        spec={**asdict(spec), "blocks": list(spec.blocks) if spec.blocks else None,
-              "kv_blocks": list(spec.kv_blocks) if spec.kv_blocks else None},
+        spec=spec.to_dict(),
         blocks=[name for name, _ in _blocks(unet, spec.blocks)],
         units=units,
         parameters=list(masks),

@@ -233,7 +233,7 @@ def test_stored_planting_was_made_by_its_recipe(p):
     """The committed truth.json of each planting records exactly the recipe in `PLANTINGS`, so a
     recipe changed without planting again (or a planting stored under another name) is caught."""
     stored = json.loads((bp.bench_dir() / p.name / bp.TRUTH).read_text())
-    spec = {**vars(p.spec), "blocks": list(p.spec.blocks), "kv_blocks": list(p.spec.kv_blocks) if p.spec.kv_blocks else None}
+    spec = p.spec.to_dict()
     defaults = {f.name: f.default for f in dataclasses.fields(PlantSpec)}  # fields added after a planting was made
     assert {**{k: defaults[k] for k in spec}, **stored["record"]["spec"]} == spec
     assert stored["record"]["concept"] == stored["truth"]["concept"] == p.concept
