@@ -253,7 +253,10 @@ class EraserFitter:
 
     def _record(self, record: dict, site: Site, step: int, x: torch.Tensor) -> None:
         """Accumulate one site's activation at one step (called from inside the trace)."""
-        if not torch.isfinite(x).all():
+        # Any NaN or inf in x makes its sum non-finite (so would finite values summing past float32's
+        # range, which no sane activation does; fp16 sums in float32): one reduction, 30x cheaper
+        # than isfinite(x).all().
+        if not torch.isfinite(x.sum(dtype=torch.promote_types(x.dtype, torch.float32))):
             raise FloatingPointError(f"non-finite activations (NaN or inf) at site {site.name}, denoising step {step}")
         self._shapes.setdefault(site.name, tuple(x.shape[1:]))
         halves = to_tokens(x).float().unflatten(0, (-1, 2))  # (CFG halves, [source, target], tokens, units)

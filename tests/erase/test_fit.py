@@ -7,6 +7,7 @@ import nnsight
 import pytest
 import torch
 
+from acterase_interp import load
 from acterase_interp.erase import EraseOptions, Eraser, EraserFitter, FitStatistics, PromptPairs
 from acterase_interp.erase import fit as fit_module
 from acterase_interp.erase.fit import follow_source
@@ -193,14 +194,21 @@ def test_statistics_save_and_load(fitter, tmp_path):
     assert torch.equal(back.eraser(tau=0.3).masks["mid.0.ffn_hidden"], st.eraser(tau=0.3).masks["mid.0.ffn_hidden"])
 
 
-def test_nan_activations_name_the_site_and_step(conceptworld):
+def _one_inf(output):
+    out = output.clone()
+    out[0, 3, 5] = -float("inf")  # one element of the uncond source row
+    return out
+
+
+@pytest.mark.parametrize("bad", [lambda output: output * float("nan"), _one_inf], ids=["all NaN", "one -inf"])
+def test_nan_activations_name_the_site_and_step(conceptworld, bad):
     f = EraserFitter(conceptworld, EraseOptions(num_inference_steps=3), progress=False)
     geglu = conceptworld.pipeline.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.ff.net.0")
     calls = []
 
     def poison(module, args, output):
         calls.append(1)
-        return output * float("nan") if len(calls) == 2 else output
+        return bad(output) if len(calls) == 2 else output
 
     handle = geglu.register_forward_hook(poison)
     try:
@@ -285,3 +293,24 @@ def test_only_a_restorable_fit_keeps_target_values(conceptworld, pairs, fitter):
         plain.statistics.eraser(values="target")
     # the rest of the statistics are the same with or without target values
     assert all(torch.equal(plain.statistics.values[k], v) for k, v in fitter.statistics.values.items())
+
+
+def test_large_finite_half_precision_activations_are_not_called_non_finite():
+    """The finiteness check sums each activation; a float16 sum of these would overflow to inf."""
+    model = load("conceptworld", dtype=torch.float16)
+    f = EraserFitter(model, EraseOptions(num_inference_steps=2), progress=False)
+    geglu = model.pipeline.unet.get_submodule("mid_block.attentions.0.transformer_blocks.0.ff.net.0")
+    big = []
+
+    def scale(module, args, output):
+        out = torch.full_like(output, 1000.0)  # finite in float16, but 66 of them sum past its range
+        big.append(torch.isinf(out.sum()).item())
+        return out
+
+    handle = geglu.register_forward_hook(scale)
+    try:
+        f.update("a red triangle", "a red circle")
+    finally:
+        handle.remove()
+    assert big and all(big)  # the trap is real at this size
+    assert torch.isfinite(f.statistics.importance_source["mid.0.ffn_hidden"]).all()
