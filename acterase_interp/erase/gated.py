@@ -227,6 +227,16 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
     return GatedEraser(tuple(sites), manifest=manifest, **parts)
 
 
+def gate_coverage(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> torch.Tensor:
+    """Bool (sites, prompts): whether any token of each prompt passes each site's gate, on the
+    conditional rows (keys and values are the same at every step). A prompt the eraser misses may
+    pass no gate at all, or pass at some sites and reach the image through the others."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    rows = _site_rows(model, list(prompts), eraser.sites)
+    return torch.stack([eraser.gate(s.name, rows[s.name][-1]).any(-1) for s in eraser.sites])
+
+
 def with_scope(eraser: GatedEraser, scope: str) -> GatedEraser:
     """The same gates with another `scope` (`SCOPES`)."""
     if scope not in SCOPES:
@@ -250,4 +260,4 @@ def choose_scope(model: Any, eraser: GatedEraser, pairs: PromptPairs, shows_conc
     return with_scope(eraser, best), rates
 
 
-__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "with_scope"]
+__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "gate_coverage", "with_scope"]

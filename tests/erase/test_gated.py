@@ -6,12 +6,13 @@ round trip are in tests/test_conformance.py."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
 
 from acterase_interp.erase import GatedEraser, fit_gated
-from acterase_interp.erase.gated import MANIFEST, TENSORS, choose_scope, concept_tokens, with_scope
+from acterase_interp.erase.gated import MANIFEST, TENSORS, choose_scope, concept_tokens, gate_coverage, with_scope
 from acterase_interp.generation import generate
 from acterase_interp.integrity import ArtifactError
 from acterase_interp.sites import Site
@@ -81,6 +82,19 @@ def test_sources_never_pass_the_gate_and_stay_bit_identical_while_targets_change
     assert torch.equal(erased[:2], plain[:2])  # calibrated on them: no source token passes
     assert (erased[2] - plain[2]).abs().max() > 1e-2
     assert len(eraser.sites) == 14 and eraser.manifest["concept_tokens"] >= 4
+
+
+def test_gate_coverage_says_which_sites_each_prompt_passes(conceptworld, triangle):
+    pairs, eraser = triangle
+    prompts = [*pairs.sources[:2], *pairs.targets[:2]]
+    covered = gate_coverage(conceptworld, eraser, prompts)
+    assert covered.shape == (14, 4) and covered.dtype == torch.bool
+    assert not covered[:, :2].any()  # the thresholds sit above every source token
+    assert covered[:, 2:].any(0).all()  # each target's concept token passes somewhere
+    every, none = (replace(eraser, threshold={k: torch.tensor(v) for k in eraser.threshold}) for v in (-1e9, 1e9))
+    assert gate_coverage(conceptworld, every, prompts).all() and not gate_coverage(conceptworld, none, prompts).any()
+    with pytest.raises(ValueError, match="no prompts"):
+        gate_coverage(conceptworld, eraser, [])
 
 
 def test_a_tampered_or_foreign_artifact_is_refused(conceptworld, triangle, tmp_path):
