@@ -29,7 +29,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -267,7 +267,7 @@ def run_scale(scale: Scale, device: str, reps: int, warmup: int, log: Callable[[
     log(f"{scale.name}: fit done")
     figures.append(figure("fit time vs its floor", "floor: plain [source, target] generation", "fit", runs, "seconds",
                           1.2, f"{len(pairs)} pairs x {scale.steps} steps"))  # fmt: skip
-    kept = statistics_bytes(fitter.statistics) / 2**20
+    kept = fitter.statistics.nbytes / 2**20
     figures.append(figure("fit peak memory", "plain generation of the same batch", "fit", runs, "peak_bytes", 1.3,
                           "peak above the memory in use before the call (model weights excluded); the fit keeps "
                           f"{kept:.1f} MiB of statistics for re-thresholding"))  # fmt: skip
@@ -279,12 +279,6 @@ def run_scale(scale: Scale, device: str, reps: int, warmup: int, log: Callable[[
         figures.append(rethreshold(_paper_size(fitter.statistics), reps, warmup))
         log(f"{scale.name}: re-threshold done")
     return figures, info
-
-
-def statistics_bytes(stats: FitStatistics) -> int:
-    """Bytes of the tensors a fit keeps (part of its peak by design: re-thresholding reads them)."""
-    tensors = [t for f in fields(stats) if isinstance(d := getattr(stats, f.name), dict) for t in d.values()]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def rethreshold(stats: FitStatistics, reps: int, warmup: int) -> dict:

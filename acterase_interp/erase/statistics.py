@@ -111,6 +111,11 @@ class FitStatistics:
         return len(self.seeds)
 
     @property
+    def nbytes(self) -> int:
+        """Bytes of every tensor the statistics hold (what a fit keeps for re-thresholding)."""
+        return sum(t.numel() * t.element_size() for name in _TENSOR_FIELDS for t in getattr(self, name).values())
+
+    @property
     def num_steps(self) -> int:
         return len(self.timesteps)
 

@@ -42,17 +42,3 @@ def test_the_benchmark_refuses_a_missing_gpu_and_bad_counts():
         main(["--reps", "0", "--out", "unused"])
     assert exit_.value.code == 2
 
-
-def test_statistics_bytes_counts_every_tensor_the_fit_keeps(conceptworld):
-    from benchmarks.run import statistics_bytes
-
-    from acterase_interp.erase import EraseOptions, EraserFitter
-    from acterase_interp.world.pairs import conceptworld_pairs
-
-    fitter = EraserFitter(conceptworld, EraseOptions(num_inference_steps=2, granularity="token_unit"), progress=False)
-    fitter.fit(conceptworld_pairs("heart", n=1, seed=0))
-    stats = fitter.statistics
-    named = ("importance_source", "importance_target", "token_importance_source", "token_importance_target",
-             "values", "mean_source", "mean_target", "square_mean_source", "square_mean_target")  # fmt: skip
-    expected = sum(t.numel() * t.element_size() for name in named for t in getattr(stats, name).values())
-    assert stats.target_values == {} and statistics_bytes(stats) == expected > 0

@@ -314,3 +314,13 @@ def test_large_finite_half_precision_activations_are_not_called_non_finite():
         handle.remove()
     assert big and all(big)  # the trap is real at this size
     assert torch.isfinite(f.statistics.importance_source["mid.0.ffn_hidden"]).all()
+
+
+def test_nbytes_counts_every_tensor_the_fit_keeps(conceptworld):
+    fitter = EraserFitter(conceptworld, EraseOptions(num_inference_steps=2, granularity="token_unit"), progress=False)
+    fitter.fit(conceptworld_pairs("heart", n=1, seed=0))
+    stats = fitter.statistics
+    named = ("importance_source", "importance_target", "token_importance_source", "token_importance_target",
+             "values", "mean_source", "mean_target", "square_mean_source", "square_mean_target")  # fmt: skip
+    expected = sum(t.numel() * t.element_size() for name in named for t in getattr(stats, name).values())
+    assert stats.target_values == {} and stats.nbytes == expected > 0
