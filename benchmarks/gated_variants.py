@@ -68,20 +68,27 @@ def _prompt_scope(gate: torch.Tensor, eraser: GatedEraser) -> torch.Tensor:
     return gate.any(-1, keepdim=True).expand_as(gate) if eraser.manifest["scope"] == "prompt" else gate
 
 
-@contextmanager
-def any_site(model: Any, eraser: GatedEraser, concept_side: bool) -> Iterator[None]:
-    """Forward hooks on every key and value projection: one gate, read from the projection's input h."""
+def union_gate(model: Any, eraser: GatedEraser) -> Callable[[torch.Tensor], torch.Tensor]:
+    """h (batch, tokens, text width) -> bool (batch, tokens): does the token pass any site's gate?
+    Site i's score is linear in h (its projection W_i has no bias): h . W_i^T Q_i u_i - c_i . u_i."""
     readers, offsets = [], []
     for s in eraser.sites:
         weight = site_module(model, s).weight.float()
         readers.append(weight.T @ (eraser.basis[s.name] @ eraser.direction[s.name]))
         offsets.append(eraser.benign[s.name] @ eraser.direction[s.name] + eraser.threshold[s.name])
     reader, offset = torch.stack(readers, 1), torch.stack(offsets)
+    return lambda h: (h @ reader > offset).any(-1)
+
+
+@contextmanager
+def any_site(model: Any, eraser: GatedEraser, concept_side: bool) -> Iterator[None]:
+    """Forward hooks on every key and value projection: one gate, read from the projection's input h."""
+    passes = union_gate(model, eraser)
     with Hooks() as hooks:
         for s in eraser.sites:
 
             def edit(module: Any, args: tuple, x: torch.Tensor, name: str = s.name) -> torch.Tensor:
-                gate = _prompt_scope((args[0] @ reader > offset).any(-1), eraser)
+                gate = _prompt_scope(passes(args[0]), eraser)
                 coords, score = _coords(eraser, name, x)
                 if concept_side:
                     gate = gate & (score > 0)
