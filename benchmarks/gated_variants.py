@@ -39,10 +39,9 @@ import torch
 from tqdm.auto import tqdm
 
 from acterase_interp import load, load_classifier
-from acterase_interp.erase.gated import GatedEraser, concept_tokens
+from acterase_interp.erase.gated import GatedEraser, _site_rows, _token_ids, concept_tokens  # the fit's own readers
 from acterase_interp.evaluation.baselines import GatedKV
 from acterase_interp.evaluation.core import image_seeds
-from acterase_interp.evaluation.method import per_image, read_sites
 from acterase_interp.evaluation.prompts import conceptworld_prompt_sets
 from acterase_interp.generation import generate
 from acterase_interp.hooks import Hooks
@@ -56,12 +55,6 @@ from acterase_interp.world.pairs import conceptworld_pairs
 CONCEPTS = ("triangle", "red", "dots", "heart", "moon", "cyan")
 VARIANTS = ("shipped", "any_site", "any_site_concept_side", "full_row")
 COLUMNS = ("target_rate", "paraphrase_rate", "zero_shot_rate", "preservation")
-
-
-def _coords(eraser: GatedEraser, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's coordinates in the site's basis, minus the benign ones, and the site's gate score."""
-    coords = x @ eraser.basis[name] - eraser.benign[name]
-    return coords, coords @ eraser.direction[name]
 
 
 def _prompt_scope(gate: torch.Tensor, eraser: GatedEraser) -> torch.Tensor:
@@ -89,10 +82,10 @@ def any_site(model: Any, eraser: GatedEraser, concept_side: bool) -> Iterator[No
 
             def edit(module: Any, args: tuple, x: torch.Tensor, name: str = s.name) -> torch.Tensor:
                 gate = _prompt_scope(passes(args[0]), eraser)
-                coords, score = _coords(eraser, name, x)
+                _, coords, basis = eraser._gated(name, x)
                 if concept_side:
-                    gate = gate & (score > 0)
-                return torch.where(gate.unsqueeze(-1), x - coords @ eraser.basis[name].T, x)
+                    gate = gate & (coords @ eraser.direction[name] > 0)
+                return torch.where(gate.unsqueeze(-1), x - coords @ basis.T, x)
 
             hooks.forward(site_module(model, s), edit, name=f"any-site gate at {s.name}")
         yield
@@ -105,9 +98,8 @@ def full_row(model: Any, eraser: GatedEraser, rows: dict[str, torch.Tensor]) -> 
         for s in eraser.sites:
 
             def edit(module: Any, args: tuple, x: torch.Tensor, name: str = s.name) -> torch.Tensor:
-                coords, score = _coords(eraser, name, x)
-                gate = score > eraser.threshold[name]
-                edited = torch.where(_prompt_scope(gate, eraser).unsqueeze(-1), x - coords @ eraser.basis[name].T, x)
+                gate, coords, basis = eraser._gated(name, x)
+                edited = torch.where(_prompt_scope(gate, eraser).unsqueeze(-1), x - coords @ basis.T, x)
                 return torch.where(gate.unsqueeze(-1), rows[name].to(x), edited)
 
             hooks.forward(site_module(model, s), edit, name=f"full-row edit at {s.name}")
@@ -116,13 +108,10 @@ def full_row(model: Any, eraser: GatedEraser, rows: dict[str, torch.Tensor]) -> 
 
 def counterpart_rows(model: Any, eraser: GatedEraser, pairs: Any) -> dict[str, torch.Tensor]:
     """Per site, the mean conditional row of the source tokens that replace the concept tokens."""
-    ids = lambda prompts: model.pipeline.tokenizer(list(prompts), padding="max_length", truncation=True,  # noqa: E731
-                                                   max_length=model.pipeline.tokenizer.model_max_length).input_ids
-    spans = [(s, i) for i, (t, so) in enumerate(zip(ids(pairs.targets), ids(pairs.sources)))
+    spans = [(s, i) for i, (t, so) in enumerate(zip(_token_ids(model, pairs.targets), _token_ids(model, pairs.sources)))
              for _, s in concept_tokens(t, so) if s]  # fmt: skip
-    read = read_sites(model, pairs.sources, eraser.sites, lambda x, n: per_image(x.float(), n), seed=0,
-                      num_inference_steps=1, steps=1)  # fmt: skip
-    return {name: torch.stack([v[0][-1][i, s].mean(0) for s, i in spans]).mean(0) for name, v in read.items()}
+    read = _site_rows(model, pairs.sources, eraser.sites)
+    return {name: torch.stack([v[-1][i, s].mean(0) for s, i in spans]).mean(0) for name, v in read.items()}
 
 
 def variants(model: Any, eraser: GatedEraser, pairs: Any) -> dict[str, Callable[[], Any]]:

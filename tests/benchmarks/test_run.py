@@ -41,4 +41,3 @@ def test_the_benchmark_refuses_a_missing_gpu_and_bad_counts():
     with pytest.raises(SystemExit) as exit_:
         main(["--reps", "0", "--out", "unused"])
     assert exit_.value.code == 2
-
