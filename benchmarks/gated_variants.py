@@ -12,7 +12,14 @@ table fits it (`GatedKV`, scope chosen on the fit targets), with one choice chan
 - `full_row`: the shipped gates, but a passing token's whole key or value row is replaced by the
   fit sources' counterpart rows (the tokens that replace the concept), averaged per span and then
   over spans (other tokens of a passing prompt, under prompt scope,
-  get the rank-r edit as shipped).
+  get the rank-r edit as shipped);
+- `varied_pairs`: the shipped eraser fitted on pairs that say the concept in each of its trained
+  words in turn (`conceptworld_pairs(..., phrasing="varied")`, as the paper's pairs vary their
+  wording), its scope chosen on them; the same prompt sets. Its paraphrase words are then seen by
+  the fit (only their templates are not), so its paraphrase rate is not a held-out one.
+
+Each row also gives `dead_gates`: the sites (of 14) of the fitted eraser whose gate passes none of
+its own fit concept tokens (`erase.gated.fit_recall` is 0), and `fit_recall`, the mean over sites.
 
     python -m benchmarks.gated_variants --out benchmarks/results          # six concepts, seed 0
 
@@ -39,7 +46,7 @@ import torch
 from tqdm.auto import tqdm
 
 from acterase_interp import load, load_classifier
-from acterase_interp.erase.gated import GatedEraser, _site_rows, _token_ids, concept_tokens  # the fit's own readers
+from acterase_interp.erase.gated import GatedEraser, _site_rows, _spans, fit_recall  # the fit's own readers
 from acterase_interp.evaluation.baselines import GatedKV
 from acterase_interp.evaluation.core import image_seeds
 from acterase_interp.evaluation.prompts import conceptworld_prompt_sets
@@ -53,8 +60,8 @@ from acterase_interp.provenance import git_commit, library_versions
 from acterase_interp.world.pairs import conceptworld_pairs
 
 CONCEPTS = ("triangle", "red", "dots", "heart", "moon", "cyan")
-VARIANTS = ("shipped", "any_site", "any_site_concept_side", "full_row")
-COLUMNS = ("target_rate", "paraphrase_rate", "zero_shot_rate", "preservation")
+VARIANTS = ("shipped", "any_site", "any_site_concept_side", "full_row", "varied_pairs")
+COLUMNS = ("target_rate", "paraphrase_rate", "zero_shot_rate", "preservation", "fit_recall", "dead_gates")
 
 
 def _prompt_scope(gate: torch.Tensor, eraser: GatedEraser) -> torch.Tensor:
@@ -108,16 +115,16 @@ def full_row(model: Any, eraser: GatedEraser, rows: dict[str, torch.Tensor]) -> 
 
 def counterpart_rows(model: Any, eraser: GatedEraser, pairs: Any) -> dict[str, torch.Tensor]:
     """Per site, the mean conditional row of the source tokens that replace the concept tokens."""
-    spans = [(s, i) for i, (t, so) in enumerate(zip(_token_ids(model, pairs.targets), _token_ids(model, pairs.sources)))
-             for _, s in concept_tokens(t, so) if s]  # fmt: skip
     read = _site_rows(model, pairs.sources, eraser.sites)
-    return {name: torch.stack([v[-1][i, s].mean(0) for s, i in spans]).mean(0) for name, v in read.items()}
+    return {name: torch.stack([v[-1][i, s].mean(0) for _, s, i in _spans(model, pairs)]).mean(0) for name, v in read.items()}
 
 
-def variants(model: Any, eraser: GatedEraser, pairs: Any) -> dict[str, Callable[[], Any]]:
+def variants(model: Any, eraser: GatedEraser, pairs: Any, varied: GatedEraser) -> dict[str, tuple[GatedEraser, Callable[[], Any]]]:
+    """Per variant: the fitted eraser it builds on and a context that applies it."""
     rows = counterpart_rows(model, eraser, pairs)
-    return {"shipped": lambda: eraser.applied(model), "any_site": lambda: any_site(model, eraser, False),
-            "any_site_concept_side": lambda: any_site(model, eraser, True), "full_row": lambda: full_row(model, eraser, rows)}  # fmt: skip
+    return {"shipped": (eraser, lambda: eraser.applied(model)), "any_site": (eraser, lambda: any_site(model, eraser, False)),
+            "any_site_concept_side": (eraser, lambda: any_site(model, eraser, True)),
+            "full_row": (eraser, lambda: full_row(model, eraser, rows)), "varied_pairs": (varied, lambda: varied.applied(model))}  # fmt: skip
 
 
 def measure(model: Any, classifier: Any, concept: str, seed: int, n_images: int, steps: int) -> list[dict]:
@@ -129,10 +136,15 @@ def measure(model: Any, classifier: Any, concept: str, seed: int, n_images: int,
     images = lambda name: generate(model, list(sets[name].prompts), seeds=seeds, num_inference_steps=steps, progress=False)  # noqa: E731
     accuracy = lambda x: factor_accuracy_from_predictions(classifier.predict(x), sets["non_target"].scenes)["all"].value  # noqa: E731
     before = accuracy(images("non_target"))
-    method = GatedKV(shows_concept=classifier.shows, num_inference_steps=steps, seed=seed).fit(model, pairs)
+    varied = conceptworld_pairs(concept, n=10, seed=seed, phrasing="varied")
+    fit = lambda p: GatedKV(shows_concept=classifier.shows, num_inference_steps=steps, seed=seed).fit(model, p).eraser_  # noqa: E731
+    eraser, varied_eraser = fit(pairs), fit(varied)
+    recall = {id(e): fit_recall(model, e, p) for e, p in ((eraser, pairs), (varied_eraser, varied))}
     out = []
-    for variant, applied in variants(model, method.eraser_, pairs).items():
-        row = {"concept": concept, "seed": seed, "variant": variant, "scope": method.eraser_.manifest["scope"],
+    for variant, (fitted, applied) in variants(model, eraser, pairs, varied_eraser).items():
+        row = {"concept": concept, "seed": seed, "variant": variant, "scope": fitted.manifest["scope"],
+               "fit_recall": float(np.mean(list(recall[id(fitted)].values()))),
+               "dead_gates": sum(r == 0 for r in recall[id(fitted)].values()),
                "prompts_sha256": hashlib.sha256(json.dumps({k: list(v.prompts) for k, v in sets.items()}).encode()).hexdigest()[:16]}
         with applied():
             for name in ("target", "paraphrase", "zero_shot"):
@@ -145,7 +157,7 @@ def measure(model: Any, classifier: Any, concept: str, seed: int, n_images: int,
 def markdown(result: dict) -> str:
     lines = ["| concept | scope | variant | " + " | ".join(COLUMNS) + " |", "|---" * (3 + len(COLUMNS)) + "|"]
     for r in result["rows"]:
-        values = " | ".join("n/a" if r[c] is None else f"{r[c]:.3f}" for c in COLUMNS)
+        values = " | ".join("n/a" if r[c] is None else str(r[c]) if isinstance(r[c], int) else f"{r[c]:.3f}" for c in COLUMNS)
         lines.append(f"| {r['concept']} | {r['scope']} | {r['variant']} | {values} |")
     m = result["manifest"]
     lines.append(f"\nSeed {m['seed']}, {m['n_images']} images per prompt set, {m['steps']} steps; commit "

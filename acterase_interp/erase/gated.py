@@ -172,6 +172,16 @@ def _token_ids(model: Any, prompts: Sequence[str]) -> list[list[int]]:
     return tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
 
 
+def _spans(model: Any, pairs: PromptPairs) -> list[tuple[list[int], list[int], int]]:
+    """(target positions, source positions, pair index) of every concept span that its source replaces."""
+    spans = [(t, s, i) for i, (tid, sid) in enumerate(zip(_token_ids(model, pairs.targets), _token_ids(model, pairs.sources)))
+             for t, s in concept_tokens(tid, sid) if s]  # fmt: skip
+    if not spans:
+        raise ValueError("no pair differs in a token that its source replaces: the targets and sources must differ "
+                         "where the concept is named")  # fmt: skip
+    return spans
+
+
 def _site_rows(model: Any, prompts: Sequence[str], sites: Sequence[Site]) -> dict[str, torch.Tensor]:
     """Each site's activation (halves, prompts, tokens, units) at the first step (keys and values
     do not change with the step), both guidance halves, unconditional first."""
@@ -200,11 +210,7 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
     sites = sorted((s for kind in kinds for s in sites_of_kind(model, kind)), key=lambda s: order.index(s.name))
     if not sites:
         raise ValueError(f"this model has no sites of kinds {list(kinds)}")
-    spans = [(t, s, i) for i, (tid, sid) in enumerate(zip(_token_ids(model, pairs.targets), _token_ids(model, pairs.sources)))
-             for t, s in concept_tokens(tid, sid) if s]  # fmt: skip
-    if not spans:
-        raise ValueError("no pair differs in a token that its source replaces: the targets and sources must differ "
-                         "where the concept is named")  # fmt: skip
+    spans = _spans(model, pairs)
     targets, sources = _site_rows(model, pairs.targets, sites), _site_rows(model, pairs.sources, sites)
     parts: dict[str, dict[str, torch.Tensor]] = {p: {} for p in PARTS}
     for site in sites:
@@ -225,6 +231,19 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
                 "kinds": list(kinds), "rank": rank, "margin": margin, "scope": scope, "n_pairs": len(pairs.targets),
                 "concept_tokens": sum(len(t) for t, _, _ in spans), "versions": library_versions()}  # fmt: skip
     return GatedEraser(tuple(sites), manifest=manifest, **parts)
+
+
+def fit_recall(model: Any, eraser: GatedEraser, pairs: PromptPairs) -> dict[str, float]:
+    """Per site, the share of the fit pairs' concept tokens (conditional rows) that its gate passes.
+    The threshold is the largest score of any source token, other factors' words included, so a
+    site whose gate passes none of them (recall 0) never edits even the words it was fitted on."""
+    spans = _spans(model, pairs)
+    rows = _site_rows(model, pairs.targets, eraser.sites)
+    recall = {}
+    for site in eraser.sites:
+        gate = eraser.gate(site.name, rows[site.name][-1])
+        recall[site.name] = float(torch.cat([gate[i, t] for t, _, i in spans]).float().mean())
+    return recall
 
 
 def gate_coverage(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> torch.Tensor:
@@ -260,4 +279,4 @@ def choose_scope(model: Any, eraser: GatedEraser, pairs: PromptPairs, shows_conc
     return with_scope(eraser, best), rates
 
 
-__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "gate_coverage", "with_scope"]
+__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "fit_recall", "gate_coverage", "with_scope"]

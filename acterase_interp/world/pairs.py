@@ -8,6 +8,12 @@ one value, like the paper's pairs, whose sources all say the same benign thing (
 nudity), so that the mean source activation is that thing rather than a blend. Held-out
 paraphrases (synonyms in templates never seen in training) test whether the erasure generalises
 beyond the fitting words; non-target prompts test what must be preserved.
+
+Pairs say the concept in its canonical word by default. `phrasing="varied"` says it in each of its
+words in turn, as the paper's LLM-written pairs vary their wording, but only as training captions
+do (a synonym only in a `TRAIN_SYNONYM_TEMPLATES` template), so no pair is a held-out paraphrase.
+The paraphrase set's words are then no longer unseen by the fit, only its templates; the zero-shot
+set's words still are.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import itertools
 import numpy as np
 
 from ..erase.pairs import PromptPairs
-from .captions import TEMPLATES, canonical, paraphrase
+from .captions import TEMPLATES, TRAIN_SYNONYM_TEMPLATES, WORDS, canonical, describe, paraphrase
 from .concept import Concept, as_concept
 from .factors import FACTORS, NATURAL, Scene
+
+PHRASINGS = ("canonical", "varied")
 
 
 def concepts() -> tuple[str, ...]:
@@ -61,14 +69,23 @@ def other_value_scenes(concept: Concept, n: int, rng: np.random.Generator) -> li
     return [pools[i % len(pools)][i // len(pools)] for i in range(n)]
 
 
-def conceptworld_pairs(concept: str | Concept, n: int = 10, seed: int = 0, anchor: str | None = None) -> PromptPairs:
+def _said(scene: Scene, template: int, value: str, k: int) -> str:
+    """`scene` with `value` said in its k-th word (cycling through its words; 0 is the canonical one)."""
+    return describe(scene.shape, scene.color, scene.background, template, synonym={value: k % len(WORDS[value])})
+
+
+def conceptworld_pairs(concept: str | Concept, n: int = 10, seed: int = 0, anchor: str | None = None,
+                       phrasing: str = "canonical") -> PromptPairs:  # fmt: skip
     """`n` prompt pairs that erase a ConceptWorld `concept` (a shape, color or background), plus
     `n` held-out paraphrases and `n` non-target prompts. Sources replace the concept with `anchor`
-    (another value of its factor), or with every other value in turn when None. Deterministic in
-    `seed`."""
+    (another value of its factor), or with every other value in turn when None. `phrasing`
+    "varied" says pair i's concept (and its source's value) in word i of each (see the module
+    docstring); the paraphrases and non-target prompts do not change. Deterministic in `seed`."""
     concept = as_concept(concept)
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}")
+    if phrasing not in PHRASINGS:
+        raise ValueError(f"phrasing must be one of {PHRASINGS}, got {phrasing!r}")
     factor = concept.factor
     anchors = [other for other in concept.others if anchor in (None, other.value)]
     if not anchors:
@@ -78,10 +95,20 @@ def conceptworld_pairs(concept: str | Concept, n: int = 10, seed: int = 0, ancho
     scenes = concept_scenes(concept, rng)
     if n > len(scenes):
         raise ValueError(f"at most {len(scenes)} distinct pairs exist for {concept.value!r}; asked for {n}")
-    targets, sources = [], []
-    for i, (scene, template) in enumerate(scenes[:n]):
-        targets.append(canonical(scene, template))
-        sources.append(canonical(anchors[i % len(anchors)].replace_in(scene), template))
+    targets: list[str] = []
+    sources: list[str] = []
+    for scene, template in scenes:  # canonical: the first n; varied: the first n distinct after remapping
+        i = len(targets)
+        other, k = anchors[i % len(anchors)], i % len(WORDS[concept.value]) if phrasing == "varied" else 0
+        if k:  # a synonym only in a template that training captions use with synonyms
+            template = TRAIN_SYNONYM_TEMPLATES[template % len(TRAIN_SYNONYM_TEMPLATES)]
+        if (target := _said(scene, template, concept.value, k)) not in targets:
+            targets.append(target)
+            sources.append(_said(other.replace_in(scene), template, other.value, k))
+        if len(targets) == n:
+            break
+    if len(targets) < n:
+        raise ValueError(f"only {len(targets)} distinct {phrasing} pairs exist for {concept.value!r}; asked for {n}")
     return PromptPairs(
         concept=concept.value,
         targets=tuple(targets),
@@ -91,12 +118,13 @@ def conceptworld_pairs(concept: str | Concept, n: int = 10, seed: int = 0, ancho
         meta={
             "description": f"ConceptWorld {factor} {concept.value!r}; each source is the target scene with another "
             f"{factor} ({'cycling through' if anchor is None else 'always'} {', '.join(map(str, anchors))}), in the "
-            "same template.",
+            "same template" + (", each said in its words in turn." if phrasing == "varied" else "."),
             "author": "acterase_interp.world.pairs.conceptworld_pairs",
             "task": "conceptworld",
             "factor": factor,
             "n": n,
             "seed": seed,
+            **({"phrasing": phrasing} if phrasing != "canonical" else {}),
             **({"anchor": anchor} if anchor is not None else {}),
         },
     )

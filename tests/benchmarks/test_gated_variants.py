@@ -48,6 +48,6 @@ def test_a_gate_that_never_passes_changes_nothing(conceptworld, eraser):
 
 def test_the_table_shows_undefined_preservation():
     rows = [{"concept": "red", "scope": "token", "variant": "any_site", "target_rate": 0.5, "paraphrase_rate": 0.25,
-             "zero_shot_rate": 0.0, "preservation": None}]  # fmt: skip
+             "zero_shot_rate": 0.0, "preservation": None, "fit_recall": 0.75, "dead_gates": 3}]  # fmt: skip
     manifest = {"seed": 0, "n_images": 4, "steps": 20, "git_commit": "abc", "architecture_hash": "h", "seconds": 3.0, "command": "x"}
-    assert "| red | token | any_site | 0.500 | 0.250 | 0.000 | n/a |" in markdown({"rows": rows, "manifest": manifest})
+    assert "| red | token | any_site | 0.500 | 0.250 | 0.000 | n/a | 0.750 | 3 |" in markdown({"rows": rows, "manifest": manifest})

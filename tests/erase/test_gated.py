@@ -12,7 +12,16 @@ import pytest
 import torch
 
 from acterase_interp.erase import GatedEraser, fit_gated
-from acterase_interp.erase.gated import MANIFEST, TENSORS, choose_scope, concept_tokens, gate_coverage, with_scope
+from acterase_interp.erase.gated import (
+    MANIFEST,
+    TENSORS,
+    _site_rows,
+    choose_scope,
+    concept_tokens,
+    fit_recall,
+    gate_coverage,
+    with_scope,
+)
 from acterase_interp.generation import generate
 from acterase_interp.integrity import ArtifactError
 from acterase_interp.sites import Site
@@ -95,6 +104,22 @@ def test_gate_coverage_says_which_sites_each_prompt_passes(conceptworld, triangl
     assert gate_coverage(conceptworld, every, prompts).all() and not gate_coverage(conceptworld, none, prompts).any()
     with pytest.raises(ValueError, match="no prompts"):
         gate_coverage(conceptworld, eraser, [])
+
+
+def test_fit_recall_is_the_share_of_concept_tokens_each_gate_passes(conceptworld, triangle):
+    pairs, eraser = triangle
+    recall = fit_recall(conceptworld, eraser, pairs)
+    tokenizer = conceptworld.pipeline.tokenizer
+    word = tokenizer.convert_tokens_to_ids("triangle")
+    positions = [tokenizer(t).input_ids.index(word) for t in pairs.targets]  # one token, replaced by another shape
+    rows = _site_rows(conceptworld, pairs.targets, eraser.sites)
+    for site in eraser.sites:
+        gate = eraser.gate(site.name, rows[site.name][-1])
+        assert recall[site.name] == pytest.approx(sum(bool(gate[i, p]) for i, p in enumerate(positions)) / len(positions))
+    assert list(recall) == [s.name for s in eraser.sites] and max(recall.values()) == 1.0
+    every, none = (replace(eraser, threshold={k: torch.tensor(v) for k in eraser.threshold}) for v in (-1e9, 1e9))
+    assert set(fit_recall(conceptworld, every, pairs).values()) == {1.0}
+    assert set(fit_recall(conceptworld, none, pairs).values()) == {0.0}
 
 
 def test_a_tampered_or_foreign_artifact_is_refused(conceptworld, triangle, tmp_path):

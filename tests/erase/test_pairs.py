@@ -128,6 +128,26 @@ def test_conceptworld_fixed_anchor():
             conceptworld_pairs("triangle", anchor=bad)
 
 
+@pytest.mark.parametrize("name", ["moon", "red", "dots"])
+def test_conceptworld_varied_pairs_say_every_word_as_training_captions_do(name):
+    canonical, varied = conceptworld_pairs(name, seed=3), conceptworld_pairs(name, seed=3, phrasing="varied")
+    assert (varied.heldout, varied.non_target) == (canonical.heldout, canonical.non_target)
+    assert len(set(varied.targets)) == 10 and varied.meta["phrasing"] == "varied" and "phrasing" not in canonical.meta
+    said = set()
+    for target, source in varied:
+        t_span, s_span, _ = _diff_span(target, source)
+        word = " ".join(w for w in t_span if w not in ("a", "an"))  # "a crimson" / "an azure"
+        assert word in WORDS[name] and s_span, (target, source)
+        said.add(word)
+        heldout_starts = tuple(TEMPLATES[t][0].split("{obj}")[0] for t in HELDOUT_TEMPLATES if TEMPLATES[t][0][0] != "{")
+        if word != WORDS[name][0]:  # a synonym never in a held-out template: no pair is a held-out paraphrase
+            assert not target.startswith(heldout_starts), target
+    assert said == set(WORDS[name])
+    assert not set(varied.heldout) & set(varied.targets)
+    with pytest.raises(ValueError, match="phrasing must be one of"):
+        conceptworld_pairs(name, phrasing="casual")
+
+
 def test_conceptworld_pairs_reject_bad_input():
     with pytest.raises(ValueError, match="unknown ConceptWorld concept 'hexagon'"):
         conceptworld_pairs("hexagon")
