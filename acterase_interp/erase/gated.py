@@ -233,27 +233,32 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
     return GatedEraser(tuple(sites), manifest=manifest, **parts)
 
 
+def gate_scores(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Per site, every token's gate score (x Q - c) . u on the conditional rows, (prompts, tokens)
+    (keys and values are the same at every step); a token passes where it exceeds the site's threshold."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    rows = _site_rows(model, list(prompts), eraser.sites)
+    coords = {s.name: eraser._gated(s.name, rows[s.name][-1])[1] for s in eraser.sites}
+    return {name: c @ eraser.direction[name].to(c) for name, c in coords.items()}
+
+
 def fit_recall(model: Any, eraser: GatedEraser, pairs: PromptPairs) -> dict[str, float]:
     """Per site, the share of the fit pairs' concept tokens (conditional rows) that its gate passes.
     The threshold is the largest score of any source token, other factors' words included, so a
     site whose gate passes none of them (recall 0) never edits even the words it was fitted on."""
     spans = _spans(model, pairs)
-    rows = _site_rows(model, pairs.targets, eraser.sites)
-    recall = {}
-    for site in eraser.sites:
-        gate = eraser.gate(site.name, rows[site.name][-1])
-        recall[site.name] = float(torch.cat([gate[i, t] for t, _, i in spans]).float().mean())
-    return recall
+    scores = gate_scores(model, eraser, pairs.targets)
+    return {name: float(torch.cat([score[i, t] for t, _, i in spans]).gt(eraser.threshold[name].to(score)).float().mean())
+            for name, score in scores.items()}  # fmt: skip
 
 
 def gate_coverage(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> torch.Tensor:
     """Bool (sites, prompts): whether any token of each prompt passes each site's gate, on the
     conditional rows (keys and values are the same at every step). A prompt the eraser misses may
     pass no gate at all, or pass at some sites and reach the image through the others."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    rows = _site_rows(model, list(prompts), eraser.sites)
-    return torch.stack([eraser.gate(s.name, rows[s.name][-1]).any(-1) for s in eraser.sites])
+    scores = gate_scores(model, eraser, prompts)
+    return torch.stack([scores[s.name].gt(eraser.threshold[s.name].to(scores[s.name])).any(-1) for s in eraser.sites])
 
 
 def with_scope(eraser: GatedEraser, scope: str) -> GatedEraser:
@@ -279,4 +284,5 @@ def choose_scope(model: Any, eraser: GatedEraser, pairs: PromptPairs, shows_conc
     return with_scope(eraser, best), rates
 
 
-__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "fit_recall", "gate_coverage", "with_scope"]
+__all__ = ["GatedEraser", "choose_scope", "concept_tokens", "fit_gated", "fit_recall", "gate_coverage", "gate_scores",
+           "with_scope"]

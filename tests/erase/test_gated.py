@@ -20,6 +20,7 @@ from acterase_interp.erase.gated import (
     concept_tokens,
     fit_recall,
     gate_coverage,
+    gate_scores,
     with_scope,
 )
 from acterase_interp.generation import generate
@@ -113,8 +114,10 @@ def test_fit_recall_is_the_share_of_concept_tokens_each_gate_passes(conceptworld
     word = tokenizer.convert_tokens_to_ids("triangle")
     positions = [tokenizer(t).input_ids.index(word) for t in pairs.targets]  # one token, replaced by another shape
     rows = _site_rows(conceptworld, pairs.targets, eraser.sites)
+    scores = gate_scores(conceptworld, eraser, pairs.targets)
     for site in eraser.sites:
         gate = eraser.gate(site.name, rows[site.name][-1])
+        assert torch.equal(scores[site.name] > eraser.threshold[site.name], gate)  # the score is what the gate reads
         assert recall[site.name] == pytest.approx(sum(bool(gate[i, p]) for i, p in enumerate(positions)) / len(positions))
     assert list(recall) == [s.name for s in eraser.sites] and max(recall.values()) == 1.0
     every, none = (replace(eraser, threshold={k: torch.tensor(v) for k in eraser.threshold}) for v in (-1e9, 1e9))
