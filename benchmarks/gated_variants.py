@@ -60,12 +60,7 @@ from acterase_interp.provenance import git_commit, library_versions
 from acterase_interp.world.pairs import conceptworld_pairs
 
 CONCEPTS = ("triangle", "red", "dots", "heart", "moon", "cyan")
-VARIANTS = ("shipped", "any_site", "any_site_concept_side", "full_row", "varied_pairs")
 COLUMNS = ("target_rate", "paraphrase_rate", "zero_shot_rate", "preservation", "fit_recall", "dead_gates")
-
-
-def _prompt_scope(gate: torch.Tensor, eraser: GatedEraser) -> torch.Tensor:
-    return gate.any(-1, keepdim=True).expand_as(gate) if eraser.manifest["scope"] == "prompt" else gate
 
 
 def union_gate(model: Any, eraser: GatedEraser) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -88,7 +83,7 @@ def any_site(model: Any, eraser: GatedEraser, concept_side: bool) -> Iterator[No
         for s in eraser.sites:
 
             def edit(module: Any, args: tuple, x: torch.Tensor, name: str = s.name) -> torch.Tensor:
-                gate = _prompt_scope(passes(args[0]), eraser)
+                gate = eraser.scoped(passes(args[0]))
                 _, coords, basis = eraser._gated(name, x)
                 if concept_side:
                     gate = gate & (coords @ eraser.direction[name] > 0)
@@ -106,7 +101,7 @@ def full_row(model: Any, eraser: GatedEraser, rows: dict[str, torch.Tensor]) -> 
 
             def edit(module: Any, args: tuple, x: torch.Tensor, name: str = s.name) -> torch.Tensor:
                 gate, coords, basis = eraser._gated(name, x)
-                edited = torch.where(_prompt_scope(gate, eraser).unsqueeze(-1), x - coords @ basis.T, x)
+                edited = torch.where(eraser.scoped(gate).unsqueeze(-1), x - coords @ basis.T, x)
                 return torch.where(gate.unsqueeze(-1), rows[name].to(x), edited)
 
             hooks.forward(site_module(model, s), edit, name=f"full-row edit at {s.name}")
@@ -139,13 +134,13 @@ def measure(model: Any, classifier: Any, concept: str, seed: int, n_images: int,
     varied = conceptworld_pairs(concept, n=10, seed=seed, phrasing="varied")
     fit = lambda p: GatedKV(shows_concept=classifier.shows, num_inference_steps=steps, seed=seed).fit(model, p).eraser_  # noqa: E731
     eraser, varied_eraser = fit(pairs), fit(varied)
-    recall = {id(e): fit_recall(model, e, p) for e, p in ((eraser, pairs), (varied_eraser, varied))}
+    recall = {e: list(fit_recall(model, e, p).values()) for e, p in ((eraser, pairs), (varied_eraser, varied))}
+    prompts_sha256 = hashlib.sha256(json.dumps({k: list(v.prompts) for k, v in sets.items()}).encode()).hexdigest()[:16]
     out = []
     for variant, (fitted, applied) in variants(model, eraser, pairs, varied_eraser).items():
         row = {"concept": concept, "seed": seed, "variant": variant, "scope": fitted.manifest["scope"],
-               "fit_recall": float(np.mean(list(recall[id(fitted)].values()))),
-               "dead_gates": sum(r == 0 for r in recall[id(fitted)].values()),
-               "prompts_sha256": hashlib.sha256(json.dumps({k: list(v.prompts) for k, v in sets.items()}).encode()).hexdigest()[:16]}
+               "fit_recall": float(np.mean(recall[fitted])), "dead_gates": sum(r == 0 for r in recall[fitted]),
+               "prompts_sha256": prompts_sha256}
         with applied():
             for name in ("target", "paraphrase", "zero_shot"):
                 row[f"{name}_rate"] = concept_rate_from_predictions(classifier.predict(images(name)), concept).value

@@ -97,10 +97,13 @@ class GatedEraser:
         gate, coords, basis = self._gated(site_name, tokens)
         if not gate.any():
             return x
-        if self.manifest.get("scope") == "prompt":  # a prompt that names the concept: every token of it
-            gate = gate.any(-1, keepdim=True).expand_as(gate)
         edited = tokens - coords @ basis.T
-        return from_tokens(torch.where(gate.unsqueeze(-1), edited, tokens), x.shape)
+        return from_tokens(torch.where(self.scoped(gate).unsqueeze(-1), edited, tokens), x.shape)
+
+    def scoped(self, gate: torch.Tensor) -> torch.Tensor:
+        """The token rows a gate (batch, tokens) edits under the eraser's scope: those that pass, or,
+        with scope "prompt", every token of a prompt with one that passes."""
+        return gate.any(-1, keepdim=True).expand_as(gate) if self.manifest.get("scope") == "prompt" else gate
 
     @contextmanager
     def applied(self, model: Any) -> Iterator[GatedEraser]:
@@ -233,13 +236,17 @@ def fit_gated(model: Any, pairs: PromptPairs, *, kinds: Sequence[str] = KINDS, r
     return GatedEraser(tuple(sites), manifest=manifest, **parts)
 
 
+def _conditional_rows(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Each site's conditional rows (prompts, tokens, units) of `prompts`."""
+    if not prompts:
+        raise ValueError("no prompts given")
+    return {name: rows[-1] for name, rows in _site_rows(model, list(prompts), eraser.sites).items()}
+
+
 def gate_scores(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
     """Per site, every token's gate score (x Q - c) . u on the conditional rows, (prompts, tokens)
     (keys and values are the same at every step); a token passes where it exceeds the site's threshold."""
-    if not prompts:
-        raise ValueError("no prompts given")
-    rows = _site_rows(model, list(prompts), eraser.sites)
-    coords = {s.name: eraser._gated(s.name, rows[s.name][-1])[1] for s in eraser.sites}
+    coords = {name: eraser._gated(name, x)[1] for name, x in _conditional_rows(model, eraser, prompts).items()}
     return {name: c @ eraser.direction[name].to(c) for name, c in coords.items()}
 
 
@@ -248,17 +255,16 @@ def fit_recall(model: Any, eraser: GatedEraser, pairs: PromptPairs) -> dict[str,
     The threshold is the largest score of any source token, other factors' words included, so a
     site whose gate passes none of them (recall 0) never edits even the words it was fitted on."""
     spans = _spans(model, pairs)
-    scores = gate_scores(model, eraser, pairs.targets)
-    return {name: float(torch.cat([score[i, t] for t, _, i in spans]).gt(eraser.threshold[name].to(score)).float().mean())
-            for name, score in scores.items()}  # fmt: skip
+    gates = {name: eraser.gate(name, x) for name, x in _conditional_rows(model, eraser, pairs.targets).items()}
+    return {name: float(torch.cat([gate[i, t] for t, _, i in spans]).float().mean()) for name, gate in gates.items()}
 
 
 def gate_coverage(model: Any, eraser: GatedEraser, prompts: Sequence[str]) -> torch.Tensor:
     """Bool (sites, prompts): whether any token of each prompt passes each site's gate, on the
     conditional rows (keys and values are the same at every step). A prompt the eraser misses may
     pass no gate at all, or pass at some sites and reach the image through the others."""
-    scores = gate_scores(model, eraser, prompts)
-    return torch.stack([scores[s.name].gt(eraser.threshold[s.name].to(scores[s.name])).any(-1) for s in eraser.sites])
+    rows = _conditional_rows(model, eraser, prompts)
+    return torch.stack([eraser.gate(s.name, rows[s.name]).any(-1) for s in eraser.sites])
 
 
 def with_scope(eraser: GatedEraser, scope: str) -> GatedEraser:
