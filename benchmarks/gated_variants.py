@@ -110,8 +110,8 @@ def full_row(model: Any, eraser: GatedEraser, rows: dict[str, torch.Tensor]) -> 
 
 def counterpart_rows(model: Any, eraser: GatedEraser, pairs: Any) -> dict[str, torch.Tensor]:
     """Per site, the mean conditional row of the source tokens that replace the concept tokens."""
-    read = _site_rows(model, pairs.sources, eraser.sites)
-    return {name: torch.stack([v[-1][i, s].mean(0) for _, s, i in _spans(model, pairs)]).mean(0) for name, v in read.items()}
+    read, spans = _site_rows(model, pairs.sources, eraser.sites), _spans(model, pairs)  # spans tokenized once, not per site
+    return {name: torch.stack([v[-1][i, s].mean(0) for _, s, i in spans]).mean(0) for name, v in read.items()}
 
 
 def variants(model: Any, eraser: GatedEraser, pairs: Any, varied: GatedEraser) -> dict[str, tuple[GatedEraser, Callable[[], Any]]]:

@@ -99,7 +99,8 @@ def conceptworld_pairs(concept: str | Concept, n: int = 10, seed: int = 0, ancho
     sources: list[str] = []
     for scene, template in scenes:  # canonical: the first n; varied: the first n distinct after remapping
         i = len(targets)
-        other, k = anchors[i % len(anchors)], i % len(WORDS[concept.value]) if phrasing == "varied" else 0
+        other = anchors[i % len(anchors)]
+        k = i % len(WORDS[concept.value]) if phrasing == "varied" else 0
         if k:  # a synonym only in a template that training captions use with synonyms
             template = TRAIN_SYNONYM_TEMPLATES[template % len(TRAIN_SYNONYM_TEMPLATES)]
         if (target := _said(scene, template, concept.value, k)) not in targets:
